@@ -1,0 +1,130 @@
+"""Opt-in benchmark (not part of the test suite): run vaco_classic.py over a grid of methods, policy lags, seeds and
+environments as subprocesses, read the results back from the TensorBoard event files and print markdown tables.
+
+    python tests/benchmark_lag.py --env-ids CartPole-v1 --methods vaco ppo-noalign --lags 0 --seeds 1 2 3 4 5 6 7 8
+
+Runs go to --out (one folder per run). A run whose folder holds `summary.json` is finished and is not run again, so an
+interrupted benchmark resumes where it stopped. Per run it records:
+  final  mean episodic return over the last 10% of the steps
+  auc    area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
+         average return during training: it tells apart runs that all end at CartPole's cap of 500
+  sps    the last charts/SPS the run logged, and its wall time
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {  # name -> extra flags of vaco_classic.py
+    "vaco": [],
+    "ppo-noalign": ["--policy-loss", "ppo", "--no-realign"],  # naive asynchronous PPO
+    "spo-noalign": ["--policy-loss", "spo", "--no-realign"],
+    "vaco-noalign": ["--no-realign"],  # FILTER only
+    "ppo": ["--policy-loss", "ppo"],  # ALIGN only
+}
+
+
+def read_scalars(run_dir, key):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(Path(run_dir).rglob("events.out.tfevents.*"))
+    if not events:
+        return np.zeros(0), np.zeros(0)
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    if key not in acc.Tags()["scalars"]:
+        return np.zeros(0), np.zeros(0)
+    points = acc.Scalars(key)
+    return np.array([p.step for p in points]), np.array([p.value for p in points])
+
+
+def summarize(run_dir, total_steps):
+    steps, returns = read_scalars(run_dir, "charts/episodic_return")
+    _, sps = read_scalars(run_dir, "charts/SPS")
+    last = steps >= 0.9 * total_steps
+    auc = np.trapezoid(returns, steps) / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
+    return {"final": float(returns[last].mean()) if last.any() else float("nan"), "auc": float(auc),
+            "sps": float(sps[-1]) if len(sps) else float("nan"), "episodes": int(len(returns))}
+
+
+def run_one(job, out, script, total_steps_of):
+    env_id, method, lag, seed, extra = job
+    tag = f"{env_id}__{method}__lag{lag}__s{seed}"
+    run_dir = out / tag
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():
+        return tag, json.loads(summary_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed), "--policy-lag", str(lag),
+           "--exp-name", tag, "--no-cuda", *METHODS[method], *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    start = time.time()
+    with open(run_dir / "stdout.txt", "w") as log:
+        result = subprocess.run(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        print(f"FAILED {tag} (exit {result.returncode}); see {run_dir / 'stdout.txt'}", flush=True)
+        return tag, None
+    summary = summarize(run_dir, total_steps_of(env_id, extra))
+    summary.update(wall_s=round(time.time() - start, 1), cmd=" ".join(cmd[1:]))
+    summary_file.write_text(json.dumps(summary, indent=1))
+    print(f"done {tag}: final {summary['final']:.1f} auc {summary['auc']:.1f} sps {summary['sps']:.0f} "
+          f"wall {summary['wall_s']:.0f}s", flush=True)
+    return tag, summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env-ids", nargs="+", default=["CartPole-v1"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--lags", nargs="+", type=int, default=[0, 4, 16])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--extra", default="", help="more flags for every run, e.g. '--total-timesteps 500000'")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark")
+    parser.add_argument("--per-seed", action="store_true", help="also print one row per seed")
+    args = parser.parse_args()
+
+    extra = args.extra.split()
+    default_steps = 500000  # vaco_classic.py's default --total-timesteps
+
+    def total_steps_of(env_id, flags):
+        return int(flags[flags.index("--total-timesteps") + 1]) if "--total-timesteps" in flags else default_steps
+
+    jobs = [(e, m, lag, s, extra) for e in args.env_ids for lag in args.lags for s in args.seeds for m in args.methods]
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = dict(pool.map(lambda job: run_one(job, args.out, ROOT / "vaco_classic.py", total_steps_of), jobs))
+    print(f"\n{len(jobs)} runs, wall time of this invocation {time.time() - start:.0f}s\n")
+
+    for env_id in args.env_ids:
+        print(f"### {env_id}\n\n| method | lag | final return | AUC | SPS | seeds |\n|-|-|-|-|-|-|")
+        for method in args.methods:
+            for lag in args.lags:
+                rows = [results[f"{env_id}__{method}__lag{lag}__s{s}"] for s in args.seeds]
+                rows = [r for r in rows if r is not None]
+                if not rows:
+                    continue
+                final, auc, sps = (np.array([r[k] for r in rows]) for k in ("final", "auc", "sps"))
+                print(f"| {method} | {lag} | {final.mean():.1f} ± {final.std():.1f} | {auc.mean():.1f} ± {auc.std():.1f}"
+                      f" | {np.median(sps):.0f} | {len(rows)} |")
+        if args.per_seed:
+            print("\n| method | lag | seed | final | AUC | SPS | wall s |\n|-|-|-|-|-|-|-|")
+            for method in args.methods:
+                for lag in args.lags:
+                    for s in args.seeds:
+                        r = results[f"{env_id}__{method}__lag{lag}__s{s}"]
+                        if r is not None:
+                            print(f"| {method} | {lag} | {s} | {r['final']:.1f} | {r['auc']:.1f} | {r['sps']:.0f} "
+                                  f"| {r['wall_s']:.0f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
