@@ -88,6 +88,7 @@ def main():
     parser.add_argument("--extra", default="", help="more flags for every run, e.g. '--total-timesteps 500000'")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark")
+    parser.add_argument("--script", type=Path, default=ROOT / "vaco_classic.py")
     parser.add_argument("--per-seed", action="store_true", help="also print one row per seed")
     args = parser.parse_args()
 
@@ -100,7 +101,7 @@ def main():
     jobs = [(e, m, lag, s, extra) for e in args.env_ids for lag in args.lags for s in args.seeds for m in args.methods]
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(pool.map(lambda job: run_one(job, args.out, ROOT / "vaco_classic.py", total_steps_of), jobs))
+        results = dict(pool.map(lambda job: run_one(job, args.out, args.script, total_steps_of), jobs))
     print(f"\n{len(jobs)} runs, wall time of this invocation {time.time() - start:.0f}s\n")
 
     for env_id in args.env_ids:

@@ -1,0 +1,33 @@
+"""Helpers shared by the test files: run a script as a user would, and read back what it logged."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args, cwd, timeout=600, env=None):
+    """Run `python ROOT/script args...` in `cwd` on one thread (two cores thrash otherwise)."""
+    child_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=child_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(folder):
+    """{tag: [(step, value), ...]} from the one TensorBoard run found under `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted(Path(folder).rglob("events.out.tfevents.*"))
+    assert len(event_files) == 1, f"expected one event file under {folder}, found {event_files}"
+    accumulator = EventAccumulator(str(event_files[0].parent), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.fixture
+def run(tmp_path):
+    """run(script, *args) -> CompletedProcess, executed in this test's own temporary folder."""
+    return lambda script, *args, **kwargs: run_script(script, *args, cwd=tmp_path, **kwargs)
