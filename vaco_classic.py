@@ -4,6 +4,7 @@
 # FILTER drops, per minibatch, the samples that would push the policy further out of a TV trust region.
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -344,126 +345,134 @@ if __name__ == "__main__":
     envs.action_space.seed(args.seed)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     recent_returns = deque(maxlen=20)
-    interrupted = False
     model_path = f"runs/{run_name}/{args.exp_name}.pt"
+    stop_requested = False
 
-    try:
-        for iteration in range(1, args.num_iterations + 1):
-            snapshots.append({k: v.detach().clone() for k, v in agent.state_dict().items()})
-            behavior.load_state_dict(snapshots[0])
-            batch_lag = len(snapshots) - 1
-            if args.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+    def request_stop(signum, frame):
+        """Ctrl-C or SIGTERM: finish the current iteration, then save and close the logs; a second Ctrl-C aborts."""
+        global stop_requested
+        stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-            for step in range(0, args.num_steps):
-                global_step += args.num_envs
-                obs[step] = next_obs
-                with torch.no_grad():
-                    action, logprob, _, value = behavior.get_action_and_value(next_obs)
-                values[step], actions[step], logprobs[step] = value, action, logprob
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
-                # TRY NOT TO MODIFY: execute the game and log data.
-                next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
-                rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-                dones[step] = torch.as_tensor(terminations | truncations, dtype=torch.float32, device=device)
-                next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-                if "final_obs" in infos:
-                    # time-limit truncation is not a real terminal: bootstrap the reward with the rollout critic
-                    truncated = np.flatnonzero(truncations & ~terminations)
-                    if len(truncated) > 0:
-                        final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]), dtype=torch.float32,
-                                                    device=device)
-                        with torch.no_grad():
-                            rewards[step, truncated] += args.gamma * behavior.get_value(final_obs)
-                    episodes = infos["final_info"].get("_episode", np.zeros(N, dtype=bool))
-                    for i in np.flatnonzero(episodes):
-                        episodic_return = float(infos["final_info"]["episode"]["r"][i])
-                        recent_returns.append(episodic_return)
-                        writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                        writer.add_scalar("charts/episodic_length", infos["final_info"]["episode"]["l"][i], global_step)
+    for iteration in range(1, args.num_iterations + 1):
+        if stop_requested:
+            print(f"interrupted at step {global_step}; closing the logs{' and saving the model' * args.save_model}")
+            break
+        snapshots.append({k: v.detach().clone() for k, v in agent.state_dict().items()})
+        behavior.load_state_dict(snapshots[0])
+        batch_lag = len(snapshots) - 1
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-            # ALIGN: once per batch, with the latest critic and the learner snapshot pi_T
+        for step in range(0, args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
             with torch.no_grad():
-                flat_obs, flat_actions = obs.reshape((T * N,) + obs.shape[2:]), actions.flatten(0, 1)
-                _, learner_logprob, _, learner_value = agent.get_action_and_value(flat_obs, flat_actions)
-                log_rhos = learner_logprob.view(T, N) - logprobs
-                if args.realign:
-                    target_values = learner_value.view(T, N)
-                    advantages, returns = compute_vtrace(
-                        rewards, target_values, agent.get_value(next_obs), dones, log_rhos,
-                        args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
-                    )
-                else:  # naive asynchronous PPO: GAE over the values the behavior network produced
-                    target_values = values
-                    advantages, returns = compute_vtrace(
-                        rewards, values, behavior.get_value(next_obs), dones, torch.zeros_like(log_rhos),
-                        args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
-                    )
-                rhos = log_rhos.exp()
-                align_stats = {
-                    "align/tv_behavior": 0.5 * (rhos - 1).abs().mean().item(),
-                    "align/rho_mean": rhos.mean().item(),
-                    "align/rho_clipped_frac": (rhos > args.rho_bar).float().mean().item(),
-                }
+                action, logprob, _, value = behavior.get_action_and_value(next_obs)
+            values[step], actions[step], logprobs[step] = value, action, logprob
 
-            # flatten the batch
-            b_obs, b_actions, b_logprobs = flat_obs, flat_actions, logprobs.reshape(-1)
-            b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), target_values.reshape(-1)
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            dones[step] = torch.as_tensor(terminations | truncations, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            if "final_obs" in infos:
+                # time-limit truncation is not a real terminal: bootstrap the reward with the rollout critic
+                truncated = np.flatnonzero(truncations & ~terminations)
+                if len(truncated) > 0:
+                    final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]), dtype=torch.float32,
+                                                device=device)
+                    with torch.no_grad():
+                        rewards[step, truncated] += args.gamma * behavior.get_value(final_obs)
+                episodes = infos["final_info"].get("_episode", np.zeros(N, dtype=bool))
+                for i in np.flatnonzero(episodes):
+                    episodic_return = float(infos["final_info"]["episode"]["r"][i])
+                    recent_returns.append(episodic_return)
+                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                    writer.add_scalar("charts/episodic_length", infos["final_info"]["episode"]["l"][i], global_step)
 
-            # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
-            minibatch_stats = []
-            for epoch in range(args.update_epochs):
-                b_inds = torch.randperm(args.batch_size, device=device)
-                for start in range(0, args.batch_size, args.minibatch_size):
-                    mb_inds = b_inds[start : start + args.minibatch_size]
-                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
-                    mb_advantages = b_advantages[mb_inds]
-                    if args.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+        # ALIGN: once per batch, with the latest critic and the learner snapshot pi_T
+        with torch.no_grad():
+            flat_obs, flat_actions = obs.reshape((T * N,) + obs.shape[2:]), actions.flatten(0, 1)
+            _, learner_logprob, _, learner_value = agent.get_action_and_value(flat_obs, flat_actions)
+            log_rhos = learner_logprob.view(T, N) - logprobs
+            if args.realign:
+                target_values = learner_value.view(T, N)
+                advantages, returns = compute_vtrace(
+                    rewards, target_values, agent.get_value(next_obs), dones, log_rhos,
+                    args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
+                )
+            else:  # naive asynchronous PPO: GAE over the values the behavior network produced
+                target_values = values
+                advantages, returns = compute_vtrace(
+                    rewards, values, behavior.get_value(next_obs), dones, torch.zeros_like(log_rhos),
+                    args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
+                )
+            rhos = log_rhos.exp()
+            align_stats = {
+                "align/tv_behavior": 0.5 * (rhos - 1).abs().mean().item(),
+                "align/rho_mean": rhos.mean().item(),
+                "align/rho_clipped_frac": (rhos > args.rho_bar).float().mean().item(),
+            }
 
-                    pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
-                                                    args.tv_delta, args.clip_coef)
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-                    entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+        # flatten the batch
+        b_obs, b_actions, b_logprobs = flat_obs, flat_actions, logprobs.reshape(-1)
+        b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), target_values.reshape(-1)
 
-                    optimizer.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                    optimizer.step()
+        # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
+        minibatch_stats = []
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(args.batch_size, device=device)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                mb_inds = b_inds[start : start + args.minibatch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
-                    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html, against the behavior policy
-                        logratio = newlogprob - b_logprobs[mb_inds]
-                        ratio = logratio.exp()
-                        kl_stats = torch.stack([
-                            (-logratio).mean(), ((ratio - 1) - logratio).mean(),
-                            ((ratio - 1.0).abs() > args.clip_coef).float().mean(),
-                        ]).tolist()
-                    minibatch_stats.append([pg_loss.item(), v_loss.item(), entropy_loss.item(), *kl_stats,
-                                            pg_stats["tv"], pg_stats["filtered_frac"], pg_stats["gate"]])
+                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
+                                                args.tv_delta, args.clip_coef)
+                v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
 
-            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
 
-            # TRY NOT TO MODIFY: record rewards for plotting purposes
-            stat_names = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl",
-                          "losses/approx_kl", "losses/clipfrac", "losses/tv", "losses/filtered_frac",
-                          "losses/filter_gate_frac"]
-            logged = dict(zip(stat_names, np.mean(minibatch_stats, axis=0)), **align_stats)
-            logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": batch_lag,
-                           "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                           "charts/SPS": int(global_step / (time.time() - start_time))})
-            for key, value in logged.items():
-                writer.add_scalar(key, value, global_step)
-            if iteration % 10 == 0 or iteration == args.num_iterations:
-                recent = f"{np.mean(recent_returns):8.2f}" if recent_returns else "     n/a"
-                print(f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
-                      f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f}", flush=True)
-    except KeyboardInterrupt:
-        print(f"interrupted at step {global_step}; closing the logs{' and saving the model' * args.save_model}")
-        interrupted = True
+                with torch.no_grad():  # http://joschu.net/blog/kl-approx.html, against the behavior policy
+                    logratio = newlogprob - b_logprobs[mb_inds]
+                    ratio = logratio.exp()
+                    minibatch_stats.append({
+                        "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
+                        "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": (-logratio).mean().item(),
+                        "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
+                        "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
+                        "losses/tv": pg_stats["tv"], "losses/filtered_frac": pg_stats["filtered_frac"],
+                        "losses/filter_gate_frac": pg_stats["gate"],
+                    })
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
+        logged.update(align_stats)
+        logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": batch_lag,
+                       "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                       "charts/SPS": int(global_step / (time.time() - start_time))})
+        for key, value in logged.items():
+            writer.add_scalar(key, value, global_step)
+        if iteration % 10 == 0 or iteration == args.num_iterations:
+            recent = f"{np.mean(recent_returns):8.2f}" if recent_returns else "     n/a"
+            print(f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
+                  f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f}", flush=True)
 
     if args.save_model:
         obs_normalizer = find_wrapper(envs.envs[0], gym.wrappers.NormalizeObservation)
@@ -473,7 +482,7 @@ if __name__ == "__main__":
                          "obs_var": torch.as_tensor(obs_normalizer.obs_rms.var)}
         torch.save({"model": agent.state_dict(), **obs_stats, "args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
-        if args.eval_episodes > 0 and not interrupted:
+        if args.eval_episodes > 0 and not stop_requested:
             episodic_returns = evaluate(model_path, args, run_name, device)
             for idx, episodic_return in enumerate(episodic_returns):
                 writer.add_scalar("eval/episodic_return", episodic_return, idx)
@@ -481,5 +490,5 @@ if __name__ == "__main__":
 
     envs.close()
     writer.close()
-    if interrupted:
+    if stop_requested:
         sys.exit(130)

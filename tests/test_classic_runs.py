@@ -133,7 +133,8 @@ def test_unsupported_action_space_is_named(tmp_path):
     assert "only Discrete and Box actions work" in result.stderr.strip().splitlines()[-1]
 
 
-def test_ctrl_c_keeps_the_logs_and_saves_the_model(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_keeps_the_logs_and_saves_the_model(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--save-model", "--total-timesteps", "10000000"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
@@ -141,8 +142,8 @@ def test_ctrl_c_keeps_the_logs_and_saves_the_model(tmp_path):
     while time.time() < deadline:  # wait for the first progress line: training is under way
         if proc.stdout.readline().startswith("step"):
             break
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)  # the current iteration ends, then the model is saved
     assert proc.returncode == 130, output
     assert "interrupted at step" in output
     checkpoint = torch.load(next((tmp_path / "runs").rglob("*.pt")))
