@@ -1,13 +1,35 @@
-"""compute_vtrace and policy_loss of vaco_classic.py against independent references written from the spec."""
+"""compute_vtrace and policy_loss of every script against independent references written from the spec.
+
+The scripts share no code on purpose, so each one's copy is tested, and the copies must stay textually identical.
+"""
+import importlib
+import inspect
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vaco_classic import compute_vtrace, policy_loss  # noqa: E402
+sys.path.insert(0, str(ROOT))
+SCRIPTS_WITH_A_CRITIC = ["vaco_classic", "vaco_atari", "vaco_async_mp"]
+ALL_SCRIPTS = SCRIPTS_WITH_A_CRITIC + ["vaco_llm_math"]  # GRPO-style: policy_loss only
+
+
+@pytest.fixture(params=SCRIPTS_WITH_A_CRITIC)
+def compute_vtrace(request):
+    return importlib.import_module(request.param).compute_vtrace
+
+
+@pytest.fixture(params=ALL_SCRIPTS)
+def policy_loss(request):
+    return importlib.import_module(request.param).policy_loss
+
+
+@pytest.mark.parametrize("function,scripts", [("compute_vtrace", SCRIPTS_WITH_A_CRITIC), ("policy_loss", ALL_SCRIPTS)])
+def test_every_script_has_the_same_text_of_the_spec_functions(function, scripts):
+    sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in scripts}
+    assert len(set(sources.values())) == 1, f"{function} differs between {', '.join(scripts)}"
 
 
 def random_batch(T=9, N=3, seed=0, done_prob=0.2, lag_scale=0.7):
@@ -56,7 +78,7 @@ def reference_gae(rewards, values, bootstrap_value, dones, gamma, lam):
 
 @pytest.mark.parametrize("rho_bar,c_bar,lam", [(1.0, 1.0, 0.95), (2.0, 0.5, 0.9), (1.5, 1.5, 1.0)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_vtrace_matches_reference_loops(rho_bar, c_bar, lam, seed):
+def test_vtrace_matches_reference_loops(compute_vtrace, rho_bar, c_bar, lam, seed):
     b = random_batch(seed=seed)
     gamma = 0.97
     adv, ret = compute_vtrace(**b, gamma=gamma, gae_lambda=lam, rho_bar=rho_bar, c_bar=c_bar)
@@ -66,7 +88,7 @@ def test_vtrace_matches_reference_loops(rho_bar, c_bar, lam, seed):
     torch.testing.assert_close(ret, ref_ret, rtol=1e-10, atol=1e-10)
 
 
-def test_vtrace_without_lag_is_gae():
+def test_vtrace_without_lag_is_gae(compute_vtrace):
     b = random_batch(seed=3)
     b["log_rhos"] = torch.zeros_like(b["log_rhos"])
     adv, ret = compute_vtrace(**b, gamma=0.99, gae_lambda=0.95, rho_bar=1.0, c_bar=1.0)
@@ -75,7 +97,7 @@ def test_vtrace_without_lag_is_gae():
     torch.testing.assert_close(ret, gae_ret, rtol=1e-12, atol=1e-12)
 
 
-def test_vtrace_lambda_one_is_impala_advantage():
+def test_vtrace_lambda_one_is_impala_advantage(compute_vtrace):
     b = random_batch(seed=4)
     gamma = 0.9
     adv, ret = compute_vtrace(**b, gamma=gamma, gae_lambda=1.0, rho_bar=1.0, c_bar=1.0)
@@ -84,7 +106,7 @@ def test_vtrace_lambda_one_is_impala_advantage():
     torch.testing.assert_close(adv, impala, rtol=1e-12, atol=1e-12)
 
 
-def test_vtrace_ignores_what_follows_a_done():
+def test_vtrace_ignores_what_follows_a_done(compute_vtrace):
     b = random_batch(T=4, N=1, seed=5, done_prob=0.0)
     b["dones"][1, 0] = 1.0
     adv, ret = compute_vtrace(**b, gamma=0.99, gae_lambda=0.95, rho_bar=1.0, c_bar=1.0)
@@ -105,7 +127,7 @@ def minibatch(n=64, seed=0, lag=0.3):
     return new, behavior, advantages
 
 
-def test_vaco_keeps_every_sample_inside_the_trust_region():
+def test_vaco_keeps_every_sample_inside_the_trust_region(policy_loss):
     new, behavior, adv = minibatch(lag=0.02)
     ratio = (new - behavior).exp()
     l1 = (ratio - 1).abs().mean().item()
@@ -114,7 +136,7 @@ def test_vaco_keeps_every_sample_inside_the_trust_region():
     assert stats == pytest.approx({"tv": 0.5 * l1, "filtered_frac": 0.0, "gate": 0.0})
 
 
-def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region():
+def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region(policy_loss):
     new, behavior, adv = minibatch(lag=0.5)
     ratio = (new - behavior).exp()
     l1 = (ratio - 1).abs().mean().item()
@@ -133,7 +155,7 @@ def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region(
     torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)
 
 
-def test_vaco_gradient_step_never_increases_distance_of_kept_samples():
+def test_vaco_gradient_step_never_increases_distance_of_kept_samples(policy_loss):
     new, behavior, adv = minibatch(lag=0.5, seed=7)
     loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=0.01, clip_coef=0.2)
     loss.backward()
@@ -144,7 +166,7 @@ def test_vaco_gradient_step_never_increases_distance_of_kept_samples():
     assert bool((after <= before + 1e-12).all())
 
 
-def test_ppo_matches_clipped_surrogate():
+def test_ppo_matches_clipped_surrogate(policy_loss):
     new, behavior, adv = minibatch(lag=0.4, seed=1)
     loss, stats = policy_loss("ppo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2)
     terms = []
@@ -154,7 +176,7 @@ def test_ppo_matches_clipped_surrogate():
     assert stats["filtered_frac"] == 0.0
 
 
-def test_spo_matches_its_penalized_objective():
+def test_spo_matches_its_penalized_objective(policy_loss):
     new, behavior, adv = minibatch(lag=0.4, seed=2)
     eps = 0.3
     loss, _ = policy_loss("spo", new, behavior, adv, tv_delta=0.2, clip_coef=eps)
@@ -162,7 +184,7 @@ def test_spo_matches_its_penalized_objective():
     assert loss.item() == pytest.approx(-sum(terms) / len(terms), rel=1e-12)
 
 
-def test_all_losses_equal_the_policy_gradient_on_policy():
+def test_all_losses_equal_the_policy_gradient_on_policy(policy_loss):
     """With pi_theta = beta (first minibatch, no lag) the three losses and their gradients coincide."""
     new, behavior, adv = minibatch(lag=0.0)
     grads = []
@@ -177,7 +199,7 @@ def test_all_losses_equal_the_policy_gradient_on_policy():
     torch.testing.assert_close(grads[0], grads[2])
 
 
-def test_unknown_policy_loss_is_refused():
+def test_unknown_policy_loss_is_refused(policy_loss):
     new, behavior, adv = minibatch()
     with pytest.raises(ValueError, match="unknown policy loss"):
         policy_loss("trpo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2)
