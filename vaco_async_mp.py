@@ -556,10 +556,6 @@ def evaluate(model_path, args, run_name, device):
     return episodic_returns
 
 
-def raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM takes the Ctrl-C path: save if asked, stop the actors, exit
-
-
 if __name__ == "__main__":
     import tyro
 
@@ -622,14 +618,25 @@ if __name__ == "__main__":
     start_time = time.time()
     recent_returns = deque(maxlen=20)
     lag_counts = Counter()
-    interrupted = False
     model_path = f"runs/{run_name}/{args.exp_name}.pt"
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        """Ctrl-C or SIGTERM: finish the current iteration, then save and close the logs; a second Ctrl-C aborts."""
+        global stop_requested
+        stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     actors = None
 
     try:
         actors = ActorPool(args, agent, observation_space, run_name, writer)
         for iteration in range(1, args.num_iterations + 1):
+            if stop_requested:
+                print(f"interrupted at step {global_step}; closing the logs{' and saving the model' * args.save_model}")
+                break
             if args.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / args.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
@@ -744,10 +751,7 @@ if __name__ == "__main__":
                       f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f} | "
                       f"lag {logged['charts/policy_lag']:.2f} | waits learner {learner_wait:.3f}s "
                       f"actor {logged['perf/actor_wait_s']:.3f}s", flush=True)
-    except KeyboardInterrupt:
-        print(f"interrupted at step {global_step}; closing the logs{' and saving the model' * args.save_model}")
-        interrupted = True
-    finally:
+    finally:  # also on errors: no actor outlives the learner
         if actors is not None:
             actors.close()
         writer.flush()
@@ -756,12 +760,12 @@ if __name__ == "__main__":
     if args.save_model:
         torch.save({"model": agent.state_dict(), "args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
-        if args.eval_episodes > 0 and not interrupted:
+        if args.eval_episodes > 0 and not stop_requested:
             episodic_returns = evaluate(model_path, args, run_name, device)
             for idx, episodic_return in enumerate(episodic_returns):
                 writer.add_scalar("eval/episodic_return", episodic_return, idx)
             print(f"eval: mean return {np.mean(episodic_returns):.2f} over {len(episodic_returns)} greedy episodes")
 
     writer.close()
-    if interrupted:
+    if stop_requested:
         sys.exit(130)
