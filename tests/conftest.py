@@ -7,6 +7,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# VACO_SPEC.md section 8: what every script with a critic writes to TensorBoard
+SPEC_KEYS = {
+    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
+    "losses/clipfrac", "losses/explained_variance", "losses/tv", "losses/filtered_frac", "losses/filter_gate_frac",
+    "align/tv_behavior", "align/rho_mean", "align/rho_clipped_frac", "charts/policy_lag",
+}
 
 
 def run_script(script, *args, cwd, timeout=600, env=None):

@@ -9,19 +9,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_scalars, run_script
+from conftest import ROOT, SPEC_KEYS, read_scalars, run_script
 
 sys.path.insert(0, str(ROOT))
 import vaco_atari  # noqa: E402
 from vaco_atari import compute_vtrace, make_env, policy_loss  # noqa: E402
 
 SCRIPT = "vaco_atari.py"
-SPEC_KEYS = {  # VACO_SPEC.md section 8, all of which apply to this script
-    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
-    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
-    "losses/clipfrac", "losses/explained_variance", "losses/tv", "losses/filtered_frac", "losses/filter_gate_frac",
-    "align/tv_behavior", "align/rho_mean", "align/rho_clipped_frac", "charts/policy_lag",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------

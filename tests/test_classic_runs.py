@@ -8,15 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_scalars, run_script
+from conftest import ROOT, SPEC_KEYS, read_scalars, run_script
 
 SCRIPT = "vaco_classic.py"
-SPEC_KEYS = {  # VACO_SPEC.md section 8, all of which apply to this script
-    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
-    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
-    "losses/clipfrac", "losses/explained_variance", "losses/tv", "losses/filtered_frac", "losses/filter_gate_frac",
-    "align/tv_behavior", "align/rho_mean", "align/rho_clipped_frac", "charts/policy_lag",
-}
 
 
 def values(scalars, key):
