@@ -38,19 +38,19 @@ torch.distributions.Distribution.set_default_validate_args(False)
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    """experiment name, part of the run folder's name"""
     seed: int = 1
-    """seed of the experiment"""
+    """random seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """make cuDNN choose deterministic kernels"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available (for the learner; actors always run on CPU)"""
+    """train on the GPU when one is available (the learner; actors always run on the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """also log to Weights and Biases (imported only then)"""
     wandb_project_name: str = "vaco"
-    """the wandb's project name"""
+    """Weights and Biases project"""
     wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    """Weights and Biases entity (user or team)"""
     capture_video: bool = False
     """whether to capture videos of the agent performances (first env of actor 0; check out `videos` folder)"""
     save_model: bool = False
@@ -58,41 +58,41 @@ class Args:
     eval_episodes: int = 10
     """with --save-model: episodes of greedy evaluation of the saved model after training (0 to skip)"""
 
-    # Algorithm specific arguments
+    # rollouts and optimization
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete actions; vector observations, or Atari ids such as ALE/Breakout-v5)"""
     total_timesteps: int = 500000
     """total timesteps of the experiments (trained samples; rollouts dropped by --max-policy-lag come on top)"""
     learning_rate: float = 2.5e-4
-    """the learning rate of the optimizer"""
+    """Adam's learning rate (decayed linearly to 0 with --anneal-lr)"""
     num_actors: int = 2
     """the number of actor processes, each stepping its own vector env on CPU"""
     num_envs_per_actor: int = 2
     """the number of parallel game environments of each actor"""
     num_steps: int = 128
-    """the number of steps to run in each environment per policy rollout"""
+    """steps per environment in one rollout"""
     rollouts_per_batch: int = 2
     """the number of actor rollouts (num_envs_per_actor x num_steps samples each) in one learner batch"""
     anneal_lr: bool = True
-    """Toggle learning rate annealing for policy and value networks"""
+    """decay the learning rate linearly to 0 over the run"""
     gamma: float = 0.99
-    """the discount factor gamma"""
+    """discount factor"""
     gae_lambda: float = 0.95
     """the lambda of GAE and of the V-trace traces"""
     num_minibatches: int = 4
-    """the number of mini-batches"""
+    """minibatches per epoch"""
     update_epochs: int = 4
-    """the K epochs to update the policy"""
+    """passes over each batch"""
     norm_adv: bool = True
-    """Toggles advantages normalization"""
+    """standardize the advantages within each minibatch"""
     ent_coef: float = 0.01
-    """coefficient of the entropy"""
+    """weight of the entropy bonus"""
     vf_coef: float = 0.5
-    """coefficient of the value function"""
+    """weight of the value loss"""
     max_grad_norm: float = 0.5
-    """the maximum norm for the gradient clipping"""
+    """the global gradient norm is clipped to this"""
 
-    # VACO specific arguments
+    # VACO
     policy_loss: Literal["vaco", "ppo", "spo"] = "vaco"
     """the policy loss: `vaco` (TV filter), or the `ppo` (clipped) and `spo` baselines"""
     tv_delta: float = 0.2
@@ -114,13 +114,13 @@ class Args:
     wait_timeout: float = 120.0
     """seconds any wait (rollout, free slot, weights lock) may last before the run stops with an error"""
 
-    # to be filled in runtime
+    # derived from the flags above
     batch_size: int = 0
-    """the batch size (computed in runtime)"""
+    """samples per batch (set at start-up)"""
     minibatch_size: int = 0
-    """the mini-batch size (computed in runtime)"""
+    """samples per minibatch (set at start-up)"""
     num_iterations: int = 0
-    """the number of iterations (computed in runtime)"""
+    """learner iterations of the run (set at start-up)"""
 
 
 def check_args(args):
@@ -129,7 +129,8 @@ def check_args(args):
     problems = [
         (args.tv_delta <= 0, f"--tv-delta must be > 0 (got {args.tv_delta}); the paper uses 0.2"),
         (min(args.rho_bar, args.c_bar) <= 0, f"--rho-bar and --c-bar must be > 0 (got {args.rho_bar}, {args.c_bar})"),
-        (args.rho_bar < args.c_bar, f"--rho-bar ({args.rho_bar}) must be >= --c-bar ({args.c_bar}), as V-trace requires"),
+        (args.rho_bar < args.c_bar,
+         f"--rho-bar ({args.rho_bar}) must be >= --c-bar ({args.c_bar}), as V-trace requires"),
         (min(args.num_actors, args.num_envs_per_actor, args.rollouts_per_batch) < 1,
          "--num-actors, --num-envs-per-actor and --rollouts-per-batch must be >= 1"),
         (min(args.num_steps, args.num_minibatches, args.update_epochs) < 1,
@@ -185,6 +186,7 @@ def make_env(env_id, idx, capture_video, run_name, gamma):
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    """Orthogonal weights of gain `std` and a constant bias, the usual initialization of PPO networks."""
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
@@ -566,7 +568,7 @@ if __name__ == "__main__":
     args.num_iterations = args.total_timesteps // args.batch_size
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
+    # seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -593,15 +595,13 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    flag_table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|flag|value|\n|-|-|\n{flag_table}")
 
     agent = Agent(observation_space, action_space).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
 
-    # ALGO Logic: Storage setup (the learner's copy of a batch: the rollouts side by side along the env axis)
+    # rollout storage (the learner's copy of a batch: the rollouts side by side along the env axis)
     T, N, n = args.num_steps, args.rollouts_per_batch * args.num_envs_per_actor, args.num_envs_per_actor
     obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
     obs = torch.zeros((T, N) + observation_space.shape, dtype=obs_dtype).to(device)
@@ -613,7 +613,7 @@ if __name__ == "__main__":
     next_obs = torch.zeros((N,) + observation_space.shape, dtype=obs_dtype).to(device)  # obs after the last step
     next_values = torch.zeros(N).to(device)  # behavior critic's value of next_obs
 
-    # TRY NOT TO MODIFY: start the game
+    # start
     global_step = 0
     start_time = time.time()
     recent_returns = deque(maxlen=20)
@@ -730,11 +730,11 @@ if __name__ == "__main__":
                         })
             actors.publish(agent)
 
-            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
+            target_var = b_returns.var().item()
+            explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
 
-            # TRY NOT TO MODIFY: record rewards for plotting purposes
+            # log the iteration
             logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
             logged.update(align_stats)
             logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": np.mean(lags),

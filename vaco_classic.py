@@ -26,57 +26,57 @@ torch.distributions.Distribution.set_default_validate_args(False)
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    """experiment name, part of the run folder's name"""
     seed: int = 1
-    """seed of the experiment"""
+    """random seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """make cuDNN choose deterministic kernels"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
+    """train on the GPU when one is available"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """also log to Weights and Biases (imported only then)"""
     wandb_project_name: str = "vaco"
-    """the wandb's project name"""
+    """Weights and Biases project"""
     wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    """Weights and Biases entity (user or team)"""
     capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    """record videos of the first environment to `videos/{run_name}` (needs moviepy)"""
     save_model: bool = False
     """whether to save the final model (and observation statistics) to `runs/{run_name}`"""
     eval_episodes: int = 10
     """with --save-model: episodes of greedy evaluation of the saved model after training (0 to skip)"""
 
-    # Algorithm specific arguments
+    # rollouts and optimization
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete or Box actions, vector observations)"""
     total_timesteps: int = 500000
-    """total timesteps of the experiments"""
+    """environment steps of the whole run, all environments together"""
     learning_rate: float = 2.5e-4
-    """the learning rate of the optimizer"""
+    """Adam's learning rate (decayed linearly to 0 with --anneal-lr)"""
     num_envs: int = 4
-    """the number of parallel game environments"""
+    """environments stepped side by side"""
     num_steps: int = 128
-    """the number of steps to run in each environment per policy rollout"""
+    """steps per environment in one rollout"""
     anneal_lr: bool = True
-    """Toggle learning rate annealing for policy and value networks"""
+    """decay the learning rate linearly to 0 over the run"""
     gamma: float = 0.99
-    """the discount factor gamma"""
+    """discount factor"""
     gae_lambda: float = 0.95
     """the lambda of GAE and of the V-trace traces"""
     num_minibatches: int = 4
-    """the number of mini-batches"""
+    """minibatches per epoch"""
     update_epochs: int = 4
-    """the K epochs to update the policy"""
+    """passes over each batch"""
     norm_adv: bool = True
-    """Toggles advantages normalization"""
+    """standardize the advantages within each minibatch"""
     ent_coef: float = 0.01
-    """coefficient of the entropy"""
+    """weight of the entropy bonus"""
     vf_coef: float = 0.5
-    """coefficient of the value function"""
+    """weight of the value loss"""
     max_grad_norm: float = 0.5
-    """the maximum norm for the gradient clipping"""
+    """the global gradient norm is clipped to this"""
 
-    # VACO specific arguments
+    # VACO
     policy_loss: Literal["vaco", "ppo", "spo"] = "vaco"
     """the policy loss: `vaco` (TV filter), or the `ppo` (clipped) and `spo` baselines"""
     tv_delta: float = 0.2
@@ -92,13 +92,13 @@ class Args:
     policy_lag: int = 0
     """simulated lag K: the rollout of iteration T is collected with the parameters of iteration T - K"""
 
-    # to be filled in runtime
+    # derived from the flags above
     batch_size: int = 0
-    """the batch size (computed in runtime)"""
+    """samples per batch (set at start-up)"""
     minibatch_size: int = 0
-    """the mini-batch size (computed in runtime)"""
+    """samples per minibatch (set at start-up)"""
     num_iterations: int = 0
-    """the number of iterations (computed in runtime)"""
+    """learner iterations of the run (set at start-up)"""
 
 
 def check_args(args):
@@ -106,7 +106,8 @@ def check_args(args):
     problems = [
         (args.tv_delta <= 0, f"--tv-delta must be > 0 (got {args.tv_delta}); the paper uses 0.2"),
         (min(args.rho_bar, args.c_bar) <= 0, f"--rho-bar and --c-bar must be > 0 (got {args.rho_bar}, {args.c_bar})"),
-        (args.rho_bar < args.c_bar, f"--rho-bar ({args.rho_bar}) must be >= --c-bar ({args.c_bar}), as V-trace requires"),
+        (args.rho_bar < args.c_bar,
+         f"--rho-bar ({args.rho_bar}) must be >= --c-bar ({args.c_bar}), as V-trace requires"),
         (args.policy_lag < 0, f"--policy-lag must be >= 0 (got {args.policy_lag})"),
         (min(args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) < 1,
          "--num-envs, --num-steps, --num-minibatches and --update-epochs must be >= 1"),
@@ -159,6 +160,7 @@ def find_wrapper(env, wrapper_class):
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    """Orthogonal weights of gain `std` and a constant bias, the usual initialization of PPO networks."""
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
@@ -291,7 +293,7 @@ if __name__ == "__main__":
     args.num_iterations = args.total_timesteps // args.batch_size
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
+    # seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -308,7 +310,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {args.env_id} needs a package that is not installed: {e}")
     if not isinstance(envs.single_action_space, (gym.spaces.Discrete, gym.spaces.Box)):
         raise SystemExit(f"error: {args.env_id} has {envs.single_action_space}; only Discrete and Box actions work")
-    if not (isinstance(envs.single_observation_space, gym.spaces.Box) and len(envs.single_observation_space.shape) == 1):
+    observation_space = envs.single_observation_space
+    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) == 1):
         raise SystemExit(f"error: {args.env_id} needs vector observations (images: use vaco_atari.py)")
 
     if args.track:
@@ -317,10 +320,8 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    flag_table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|flag|value|\n|-|-|\n{flag_table}")
 
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -328,7 +329,7 @@ if __name__ == "__main__":
     behavior = Agent(envs.single_observation_space, envs.single_action_space).to(device)
     snapshots = deque(maxlen=args.policy_lag + 1)
 
-    # ALGO Logic: Storage setup
+    # rollout storage, [T, N, ...]
     T, N = args.num_steps, args.num_envs
     obs = torch.zeros((T, N) + envs.single_observation_space.shape).to(device)
     action_dtype = torch.float32 if agent.continuous else torch.long
@@ -338,7 +339,7 @@ if __name__ == "__main__":
     dones = torch.zeros((T, N)).to(device)  # dones[t]: the episode ended at step t
     values = torch.zeros((T, N)).to(device)  # behavior critic at rollout time
 
-    # TRY NOT TO MODIFY: start the game
+    # start
     global_step = 0
     start_time = time.time()
     next_obs, _ = envs.reset(seed=args.seed)
@@ -375,7 +376,7 @@ if __name__ == "__main__":
                 action, logprob, _, value = behavior.get_action_and_value(next_obs)
             values[step], actions[step], logprobs[step] = value, action, logprob
 
-            # TRY NOT TO MODIFY: execute the game and log data.
+            # step the environments; episodes that end report their final observation and statistics
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             dones[step] = torch.as_tensor(terminations | truncations, dtype=torch.float32, device=device)
@@ -457,11 +458,11 @@ if __name__ == "__main__":
                         "losses/filter_gate_frac": pg_stats["gate"],
                     })
 
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
+        target_var = b_returns.var().item()
+        explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # log the iteration
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
         logged.update(align_stats)
         logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": batch_lag,

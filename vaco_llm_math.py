@@ -29,19 +29,19 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    """experiment name, part of the run folder's name"""
     seed: int = 1
-    """seed of the experiment"""
+    """random seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """make cuDNN choose deterministic kernels"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
+    """train on the GPU when one is available"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """also log to Weights and Biases (imported only then)"""
     wandb_project_name: str = "vaco"
-    """the wandb's project name"""
+    """Weights and Biases project"""
     wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
+    """Weights and Biases entity (user or team)"""
     save_model: bool = False
     """whether to save the final model and tokenizer (`save_pretrained`) to `runs/{run_name}/model`"""
 
@@ -60,7 +60,7 @@ class Args:
     synthetic_ops: str = "+-*"
     """--dataset synthetic: the operations its word problems use, a subset of `+-*`"""
 
-    # Algorithm specific arguments
+    # rollouts and optimization
     total_steps: int = 200
     """the number of learner steps (one batch of rollouts each)"""
     learning_rate: float = 1e-6
@@ -80,13 +80,13 @@ class Args:
     num_minibatches: int = 2
     """the number of mini-batches (of sequences) per epoch"""
     update_epochs: int = 1
-    """the K epochs to update the policy"""
+    """passes over each batch"""
     micro_batch_size: int = 8
     """sequences per forward/backward pass; gradients accumulate over a minibatch (lower it to fit memory)"""
     max_grad_norm: float = 1.0
-    """the maximum norm for the gradient clipping"""
+    """the global gradient norm is clipped to this"""
 
-    # VACO specific arguments
+    # VACO
     policy_loss: Literal["vaco", "ppo", "spo"] = "vaco"
     """the policy loss: `vaco` (TV filter), or the `ppo` (clipped, token-level GRPO) and `spo` baselines"""
     tv_delta: float = 0.2
@@ -102,11 +102,11 @@ class Args:
     eval_every: int = 20
     """evaluate every this many steps (and at the start and the end; 0: only at the start and the end)"""
 
-    # to be filled in runtime
+    # derived from the flags above
     batch_size: int = 0
-    """the batch size in sequences (computed in runtime)"""
+    """sequences per batch (set at start-up)"""
     minibatch_size: int = 0
-    """the mini-batch size in sequences (computed in runtime)"""
+    """sequences per minibatch (set at start-up)"""
 
 
 def check_args(args):
@@ -465,7 +465,7 @@ if __name__ == "__main__":
     data_name = os.path.basename(args.dataset_path) if args.dataset_path else args.dataset.split("/")[-1]
     run_name = f"{data_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
+    # seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -502,10 +502,8 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    flag_table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|flag|value|\n|-|-|\n{flag_table}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     # generation: with lag K > 0 a thread with its own copy of the weights samples ahead through a bounded queue
@@ -520,7 +518,7 @@ if __name__ == "__main__":
         generator_args = (generator_model, weight_queue, batch_queue, produce, args, torch.get_num_threads())
         threading.Thread(target=generator_thread, args=generator_args, daemon=True).start()
 
-    # TRY NOT TO MODIFY: start the training
+    # start
     step = 0
     start_time = time.time()
     stop_requested = False
@@ -614,7 +612,7 @@ if __name__ == "__main__":
         num_tokens = int(batch["valid"].sum())
         recent_rewards = (recent_rewards + [batch["reward"].mean().item()])[-10:]
 
-        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        # log the iteration
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
         logged.update({
             "align/tv_behavior": tv_behavior, "charts/policy_lag": batch_lag, "charts/policy_lag_max": batch_lag,
