@@ -9,6 +9,8 @@ interrupted benchmark resumes where it stopped. Per run it records:
   auc    area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
          average return during training: it tells apart runs that all end at CartPole's cap of 500
   sps    the last charts/SPS the run logged, and its wall time
+With --results-dir it also writes a markdown table and a plot of the returns against the lag per environment
+(matplotlib is needed for the plot only, and imported only then).
 """
 import argparse
 import json
@@ -90,6 +92,8 @@ def main():
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark")
     parser.add_argument("--script", type=Path, default=ROOT / "vaco_classic.py")
     parser.add_argument("--per-seed", action="store_true", help="also print one row per seed")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="also write {env}.md and {env}_return_vs_lag.png there (e.g. tests/results)")
     args = parser.parse_args()
 
     extra = args.extra.split()
@@ -104,27 +108,69 @@ def main():
         results = dict(pool.map(lambda job: run_one(job, args.out, args.script, total_steps_of), jobs))
     print(f"\n{len(jobs)} runs, wall time of this invocation {time.time() - start:.0f}s\n")
 
+    command = "python tests/benchmark_lag.py " + " ".join(sys.argv[1:])
     for env_id in args.env_ids:
-        print(f"### {env_id}\n\n| method | lag | final return | AUC | SPS | seeds |\n|-|-|-|-|-|-|")
-        for method in args.methods:
-            for lag in args.lags:
-                rows = [results[f"{env_id}__{method}__lag{lag}__s{s}"] for s in args.seeds]
-                rows = [r for r in rows if r is not None]
-                if not rows:
-                    continue
+        report = markdown_report(results, env_id, args.methods, args.lags, args.seeds, args.per_seed, command)
+        print(report)
+        if args.results_dir is not None:
+            args.results_dir.mkdir(parents=True, exist_ok=True)
+            (args.results_dir / f"{env_id}.md").write_text(report)
+            plot_against_lag(results, env_id, args.methods, args.lags, args.seeds,
+                             args.results_dir / f"{env_id}_return_vs_lag.png")
+
+
+def seed_results(results, env_id, method, lag, seeds):
+    return [r for r in (results.get(f"{env_id}__{method}__lag{lag}__s{s}") for s in seeds) if r is not None]
+
+
+def markdown_report(results, env_id, methods, lags, seeds, per_seed, command):
+    wall = sum(r["wall_s"] for m in methods for lag in lags for r in seed_results(results, env_id, m, lag, seeds))
+    lines = [f"### {env_id}", "", f"`{command}` ({wall / 3600:.1f} h of run time, summed over the runs)", "",
+             "| method | lag | AUC | final return | SPS (median) | seeds |", "|-|-|-|-|-|-|"]
+    for method in methods:
+        for lag in lags:
+            rows = seed_results(results, env_id, method, lag, seeds)
+            if rows:
                 final, auc, sps = (np.array([r[k] for r in rows]) for k in ("final", "auc", "sps"))
-                print(f"| {method} | {lag} | {final.mean():.1f} ± {final.std():.1f} | {auc.mean():.1f} ± {auc.std():.1f}"
-                      f" | {np.median(sps):.0f} | {len(rows)} |")
-        if args.per_seed:
-            print("\n| method | lag | seed | final | AUC | SPS | wall s |\n|-|-|-|-|-|-|-|")
-            for method in args.methods:
-                for lag in args.lags:
-                    for s in args.seeds:
-                        r = results[f"{env_id}__{method}__lag{lag}__s{s}"]
-                        if r is not None:
-                            print(f"| {method} | {lag} | {s} | {r['final']:.1f} | {r['auc']:.1f} | {r['sps']:.0f} "
-                                  f"| {r['wall_s']:.0f} |")
-        print()
+                lines.append(f"| {method} | {lag} | {auc.mean():.1f} ± {auc.std():.1f} | {final.mean():.1f} ± "
+                             f"{final.std():.1f} | {np.median(sps):.0f} | {len(rows)} |")
+    if per_seed:
+        lines += ["", "| method | lag | seed | AUC | final | SPS | wall s |", "|-|-|-|-|-|-|-|"]
+        for method in methods:
+            for lag in lags:
+                for s in seeds:
+                    r = results.get(f"{env_id}__{method}__lag{lag}__s{s}")
+                    if r is not None:
+                        lines.append(f"| {method} | {lag} | {s} | {r['auc']:.1f} | {r['final']:.1f} | {r['sps']:.0f} "
+                                     f"| {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_against_lag(results, env_id, methods, lags, seeds, path):
+    """AUC and final return against --policy-lag, one line per method (mean and std over the seeds)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib); the tables are written anyway")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, ("auc", "final"), ("area under the return curve", "final return")):
+        for i, method in enumerate(methods):
+            points = [(lag, [r[key] for r in seed_results(results, env_id, method, lag, seeds)]) for lag in lags]
+            points = [(lag, v) for lag, v in points if v]
+            shift = 0.15 * (i - (len(methods) - 1) / 2)  # side by side, so that the error bars do not overlap
+            if points:
+                ax.errorbar([lag + shift for lag, _ in points], [np.mean(v) for _, v in points],
+                            yerr=[np.std(v) for _, v in points], marker="o", capsize=3, label=method)
+        ax.set(xlabel="--policy-lag (iterations)", ylabel="episodic return", title=f"{env_id}: {title}")
+        ax.set_xticks(lags)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
