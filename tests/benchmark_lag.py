@@ -3,7 +3,12 @@ environments as subprocesses, read the results back from the TensorBoard event f
 
     python tests/benchmark_lag.py --env-ids CartPole-v1 --methods vaco ppo-noalign --lags 0 --seeds 1 2 3 4 5 6 7 8
 
-Runs go to --out (one folder per run). A run whose folder holds `summary.json` is finished and is not run again, so an
+--variants runs every method once per set of flags, written NAME=VALUE[,NAME=VALUE...] without the leading dashes
+('default' adds none), e.g. for the sensitivity to the filter's threshold:
+
+    python tests/benchmark_lag.py --methods vaco --lags 0 4 --variants tv-delta=0.05 tv-delta=0.1 default tv-delta=0.4
+
+Runs go to --out (one folder per run, named after the env, method, variant flags, lag and seed). A run whose folder holds `summary.json` is finished and is not run again, so an
 interrupted benchmark resumes where it stopped. Per run it records:
   final  mean episodic return over the last 10% of the steps
   auc    area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
@@ -56,16 +61,30 @@ def summarize(run_dir, total_steps):
             "sps": float(sps[-1]) if len(sps) else float("nan"), "episodes": int(len(returns))}
 
 
+def variant_flags(variant):
+    """'tv-delta=0.1,rho-bar=2' -> ['--tv-delta', '0.1', '--rho-bar', '2']; 'default' -> []."""
+    if variant == "default":
+        return []
+    pairs = [item.split("=", 1) for item in variant.split(",")]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise SystemExit(f"--variants: {variant!r} is not NAME=VALUE[,NAME=VALUE...] (or 'default')")
+    return [token for name, value in pairs for token in (f"--{name}", value)]
+
+
+def run_name(method, variant):
+    return method if variant == "default" else f"{method}+{variant}"
+
+
 def run_one(job, out, script, total_steps_of):
-    env_id, method, lag, seed, extra = job
-    tag = f"{env_id}__{method}__lag{lag}__s{seed}"
+    env_id, method, variant, lag, seed, extra = job
+    tag = f"{env_id}__{run_name(method, variant)}__lag{lag}__s{seed}"
     run_dir = out / tag
     summary_file = run_dir / "summary.json"
     if summary_file.exists():
         return tag, json.loads(summary_file.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed), "--policy-lag", str(lag),
-           "--exp-name", tag, "--no-cuda", *METHODS[method], *extra]
+           "--exp-name", tag, "--no-cuda", *METHODS[method], *variant_flags(variant), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.time()
     with open(run_dir / "stdout.txt", "w") as log:
@@ -87,22 +106,32 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--lags", nargs="+", type=int, default=[0, 4, 16])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--extra", default="", help="more flags for every run, e.g. '--total-timesteps 500000'")
+    parser.add_argument("--variants", nargs="+", default=["default"],
+                        help="sets of flags to run each method with: NAME=VALUE[,NAME=VALUE...] or 'default'")
+    parser.add_argument("--extra", default="",
+                        help="more flags for every run, not part of the run's name (use a separate --out), "
+                             "e.g. '--total-timesteps 1000000'")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark")
     parser.add_argument("--script", type=Path, default=ROOT / "vaco_classic.py")
     parser.add_argument("--per-seed", action="store_true", help="also print one row per seed")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="also write {env}.md and {env}_return_vs_lag.png there (e.g. tests/results)")
+    parser.add_argument("--results-name", default="{env}",
+                        help="file name stem under --results-dir; {env} is replaced by the env id")
     args = parser.parse_args()
 
     extra = args.extra.split()
+    for variant in args.variants:
+        variant_flags(variant)  # fail on a malformed variant before any run starts
+    names = [run_name(m, v) for m in args.methods for v in args.variants]
     default_steps = 500000  # vaco_classic.py's default --total-timesteps
 
     def total_steps_of(env_id, flags):
         return int(flags[flags.index("--total-timesteps") + 1]) if "--total-timesteps" in flags else default_steps
 
-    jobs = [(e, m, lag, s, extra) for e in args.env_ids for lag in args.lags for s in args.seeds for m in args.methods]
+    jobs = [(e, m, v, lag, s, extra) for e in args.env_ids for lag in args.lags for s in args.seeds
+            for m in args.methods for v in args.variants]
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = dict(pool.map(lambda job: run_one(job, args.out, args.script, total_steps_of), jobs))
@@ -110,13 +139,15 @@ def main():
 
     command = "python tests/benchmark_lag.py " + " ".join(sys.argv[1:])
     for env_id in args.env_ids:
-        report = markdown_report(results, env_id, args.methods, args.lags, args.seeds, args.per_seed, command)
+        report = markdown_report(results, env_id, names, args.lags, args.seeds, args.per_seed, command)
         print(report)
         if args.results_dir is not None:
             args.results_dir.mkdir(parents=True, exist_ok=True)
-            (args.results_dir / f"{env_id}.md").write_text(report)
-            plot_against_lag(results, env_id, args.methods, args.lags, args.seeds,
-                             args.results_dir / f"{env_id}_return_vs_lag.png")
+            stem = args.results_name.format(env=env_id)
+            (args.results_dir / f"{stem}.md").write_text(report)
+            if len(args.lags) > 1:  # a plot against the lag needs more than one lag
+                plot_against_lag(results, env_id, names, args.lags, args.seeds,
+                                 args.results_dir / f"{stem}_return_vs_lag.png")
 
 
 def seed_results(results, env_id, method, lag, seeds):
