@@ -19,6 +19,7 @@ With --results-dir it also writes a markdown table and a plot of the returns aga
 """
 import argparse
 import json
+import shlex
 import os
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def main():
         results = dict(pool.map(lambda job: run_one(job, args.out, args.script, total_steps_of), jobs))
     print(f"\n{len(jobs)} runs, wall time of this invocation {time.time() - start:.0f}s\n")
 
-    command = "python tests/benchmark_lag.py " + " ".join(sys.argv[1:])
+    command = "python tests/benchmark_lag.py " + shlex.join(sys.argv[1:])
     for env_id in args.env_ids:
         report = markdown_report(results, env_id, names, args.lags, args.seeds, args.per_seed, command)
         print(report)
