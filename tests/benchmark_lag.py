@@ -8,8 +8,9 @@ environments as subprocesses, read the results back from the TensorBoard event f
 
     python tests/benchmark_lag.py --methods vaco --lags 0 4 --variants tv-delta=0.05 tv-delta=0.1 default tv-delta=0.4
 
-Runs go to --out (one folder per run, named after the env, method, variant flags, lag and seed). A run whose folder holds `summary.json` is finished and is not run again, so an
-interrupted benchmark resumes where it stopped. Per run it records:
+Runs go to --out (one folder per run, named after the env, method, variant flags, lag and seed). A run whose folder
+holds `summary.json` is finished and is not run again, so an interrupted benchmark resumes where it stopped.
+Per run it records:
   final  mean episodic return over the last 10% of the steps
   auc    area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
          average return during training: it tells apart runs that all end at CartPole's cap of 500
@@ -19,8 +20,8 @@ With --results-dir it also writes a markdown table and a plot of the returns aga
 """
 import argparse
 import json
-import shlex
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -117,9 +118,9 @@ def main():
     parser.add_argument("--script", type=Path, default=ROOT / "vaco_classic.py")
     parser.add_argument("--per-seed", action="store_true", help="also print one row per seed")
     parser.add_argument("--results-dir", type=Path, default=None,
-                        help="also write {env}.md and {env}_return_vs_lag.png there (e.g. tests/results)")
+                        help="also write {name}.md and {name}_return_vs_lag.png there (e.g. tests/results)")
     parser.add_argument("--results-name", default="{env}",
-                        help="file name stem under --results-dir; {env} is replaced by the env id")
+                        help="the {name} of the files under --results-dir; {env} in it becomes the env id (default: {env})")
     args = parser.parse_args()
 
     extra = args.extra.split()
