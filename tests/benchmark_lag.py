@@ -120,7 +120,7 @@ def main():
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="also write {name}.md and {name}_return_vs_lag.png there (e.g. tests/results)")
     parser.add_argument("--results-name", default="{env}",
-                        help="the {name} of the files under --results-dir; {env} in it becomes the env id (default: {env})")
+                        help="the {name} of the files under --results-dir; {env} in it becomes the env id")
     args = parser.parse_args()
 
     extra = args.extra.split()
