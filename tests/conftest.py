@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# VACO_SPEC.md section 8: what every script with a critic writes to TensorBoard
+# README, "What is logged": what every script with a critic writes to TensorBoard
 SPEC_KEYS = {
     "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
     "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
@@ -18,7 +18,7 @@ SPEC_KEYS = {
 
 def run_script(script, *args, cwd, timeout=600, env=None):
     """Run `python ROOT/script args...` in `cwd` on one thread (two cores thrash otherwise)."""
-    child_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=child_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -38,3 +38,8 @@ def read_scalars(folder):
 def run(tmp_path):
     """run(script, *args) -> CompletedProcess, executed in this test's own temporary folder."""
     return lambda script, *args, **kwargs: run_script(script, *args, cwd=tmp_path, **kwargs)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a learning run, a real multi-process run or Atari; "
+                                       "`pytest -m 'not slow'` skips them for a fast loop (CI runs everything)")

@@ -26,7 +26,8 @@ def policy_loss(request):
     return importlib.import_module(request.param).policy_loss
 
 
-@pytest.mark.parametrize("function,scripts", [("compute_vtrace", SCRIPTS_WITH_A_CRITIC), ("policy_loss", ALL_SCRIPTS)])
+@pytest.mark.parametrize("function,scripts", [("compute_vtrace", SCRIPTS_WITH_A_CRITIC), ("policy_loss", ALL_SCRIPTS),
+                                              ("adapt_kl_coef", ALL_SCRIPTS)])
 def test_every_script_has_the_same_text_of_the_spec_functions(function, scripts):
     sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in scripts}
     assert len(set(sources.values())) == 1, f"{function} differs between {', '.join(scripts)}"
@@ -131,7 +132,7 @@ def test_vaco_keeps_every_sample_inside_the_trust_region(policy_loss):
     new, behavior, adv = minibatch(lag=0.02)
     ratio = (new - behavior).exp()
     l1 = (ratio - 1).abs().mean().item()
-    loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=l1 + 1e-3, clip_coef=0.2)
+    loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=l1 + 1e-3, clip_coef=0.2, kl_coef=0.1)
     torch.testing.assert_close(loss, -(adv * ratio).mean())
     assert stats == pytest.approx({"tv": 0.5 * l1, "filtered_frac": 0.0, "gate": 0.0})
 
@@ -140,7 +141,7 @@ def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region(
     new, behavior, adv = minibatch(lag=0.5)
     ratio = (new - behavior).exp()
     l1 = (ratio - 1).abs().mean().item()
-    loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=l1 - 1e-3, clip_coef=0.2)
+    loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=l1 - 1e-3, clip_coef=0.2, kl_coef=0.1)
     pushes_away = [a * (r - 1) > 0 for a, r in zip(adv.tolist(), ratio.tolist())]
     kept = [not p for p in pushes_away]
     expected = -sum(a * r for a, r, k in zip(adv.tolist(), ratio.tolist(), kept) if k) / len(kept)
@@ -157,7 +158,7 @@ def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region(
 
 def test_vaco_gradient_step_never_increases_distance_of_kept_samples(policy_loss):
     new, behavior, adv = minibatch(lag=0.5, seed=7)
-    loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=0.01, clip_coef=0.2)
+    loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=0.01, clip_coef=0.2, kl_coef=0.1)
     loss.backward()
     assert stats["gate"] == 1.0
     with torch.no_grad():
@@ -168,7 +169,7 @@ def test_vaco_gradient_step_never_increases_distance_of_kept_samples(policy_loss
 
 def test_ppo_matches_clipped_surrogate(policy_loss):
     new, behavior, adv = minibatch(lag=0.4, seed=1)
-    loss, stats = policy_loss("ppo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2)
+    loss, stats = policy_loss("ppo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1)
     terms = []
     for a, r in zip(adv.tolist(), (new - behavior).exp().tolist()):
         terms.append(max(-a * r, -a * min(max(r, 0.8), 1.2)))
@@ -179,28 +180,54 @@ def test_ppo_matches_clipped_surrogate(policy_loss):
 def test_spo_matches_its_penalized_objective(policy_loss):
     new, behavior, adv = minibatch(lag=0.4, seed=2)
     eps = 0.3
-    loss, _ = policy_loss("spo", new, behavior, adv, tv_delta=0.2, clip_coef=eps)
+    loss, _ = policy_loss("spo", new, behavior, adv, tv_delta=0.2, clip_coef=eps, kl_coef=0.1)
     terms = [a * r - abs(a) / (2 * eps) * (r - 1) ** 2 for a, r in zip(adv.tolist(), (new - behavior).exp().tolist())]
     assert loss.item() == pytest.approx(-sum(terms) / len(terms), rel=1e-12)
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1, 1.0])
+def test_ppo_kl_matches_its_penalized_objective_and_gradient(policy_loss, kl_coef):
+    new, behavior, adv = minibatch(lag=0.4, seed=3)
+    loss, stats = policy_loss("ppo-kl", new, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=kl_coef)
+    ratios, n = (new - behavior).exp().tolist(), len(adv)
+    # the penalty is the sample estimate of KL(beta || pi_theta): r - 1 - log r, with log r = new - behavior
+    terms = [-a * r + kl_coef * (r - 1 - math.log(r)) for a, r in zip(adv.tolist(), ratios)]
+    assert loss.item() == pytest.approx(sum(terms) / n, rel=1e-12)
+    assert stats["filtered_frac"] == 0.0
+    loss.backward()  # d/dlogp of -A r + c (r - 1 - log r) = -A r + c (r - 1)
+    expected_grad = torch.tensor([(-a * r + kl_coef * (r - 1)) / n for a, r in zip(adv.tolist(), ratios)],
+                                 dtype=torch.float64)
+    torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+@pytest.mark.parametrize("kl,target,expected", [
+    (0.0151, 0.01, 0.2), (0.0149, 0.01, 0.1), (0.01, 0.01, 0.1), (0.0067, 0.01, 0.1), (0.0066, 0.01, 0.05),
+    (1.0, 0.0, 0.1), (0.0, 0.0, 0.1),  # target 0: a fixed coefficient
+])
+def test_adaptive_kl_coef_doubles_above_one_and_a_half_targets_and_halves_below_two_thirds(script, kl, target,
+                                                                                         expected):
+    adapt_kl_coef = importlib.import_module(script).adapt_kl_coef
+    assert adapt_kl_coef(0.1, kl, target) == pytest.approx(expected)
+
+
 def test_all_losses_equal_the_policy_gradient_on_policy(policy_loss):
-    """With pi_theta = beta (first minibatch, no lag) the three losses and their gradients coincide."""
+    """With pi_theta = beta (first minibatch, no lag) the four losses and their gradients coincide."""
     new, behavior, adv = minibatch(lag=0.0)
     grads = []
-    for kind in ["vaco", "ppo", "spo"]:
+    for kind in ["vaco", "ppo", "spo", "ppo-kl"]:
         x = new.detach().clone().requires_grad_(True)
-        loss, stats = policy_loss(kind, x, behavior, adv, tv_delta=0.2, clip_coef=0.2)
+        loss, stats = policy_loss(kind, x, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1)
         loss.backward()
         assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-12)
         assert stats["tv"] == 0.0 and stats["gate"] == 0.0
         grads.append(x.grad)
-    torch.testing.assert_close(grads[0], grads[1])
-    torch.testing.assert_close(grads[0], grads[2])
+    for grad in grads[1:]:
+        torch.testing.assert_close(grads[0], grad)
 
 
 def test_unknown_policy_loss_is_refused(policy_loss):
     new, behavior, adv = minibatch()
     with pytest.raises(ValueError, match="unknown policy loss"):
-        policy_loss("trpo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2)
+        policy_loss("trpo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1)
 
