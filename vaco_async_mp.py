@@ -3,13 +3,15 @@
 # Paper: "Align and Filter: Improving Performance in Asynchronous On-Policy RL", arXiv 2603.01365.
 # ALIGN re-estimates advantages of the learner's policy from lagged data with V-trace, once per batch;
 # FILTER drops, per minibatch, the samples that would push the policy further out of a TV trust region.
+import contextlib
+import importlib.util
+import math
 import os
 import random
 import signal
 import sys
 import time
-import traceback
-from collections import Counter, deque
+from collections import Counter, deque, namedtuple
 from dataclasses import dataclass
 from multiprocessing import connection, forkserver
 from typing import Literal
@@ -20,7 +22,8 @@ import torch
 import torch.multiprocessing as mp  # registers the reductions that pass shared tensors to other processes
 import torch.nn as nn
 import torch.optim as optim
-from torch.distributions import Categorical
+from gymnasium.wrappers.utils import RunningMeanStd
+from torch.distributions import Categorical, Normal
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
@@ -29,7 +32,7 @@ try:  # registers the Atari ids (ALE/Breakout-v5, BreakoutNoFrameskip-v4) when a
 
     gym.register_envs(ale_py)
 except ImportError:
-    ale_py = None
+    pass  # no Atari ids then
 
 # Argument checks of torch.distributions cost more than the tiny networks here; our inputs are well-formed.
 torch.distributions.Distribution.set_default_validate_args(False)
@@ -52,15 +55,13 @@ class Args:
     wandb_entity: str | None = None
     """Weights and Biases entity (user or team)"""
     capture_video: bool = False
-    """whether to capture videos of the agent performances (first env of actor 0; check out `videos` folder)"""
+    """record videos of the first environment of actor 0 to `videos/{run_name}` (needs moviepy)"""
     save_model: bool = False
-    """whether to save the final model to `runs/{run_name}` (also on Ctrl-C / SIGTERM)"""
-    eval_episodes: int = 10
-    """with --save-model: episodes of greedy evaluation of the saved model after training (0 to skip)"""
+    """save the final model to `runs/{run_name}` (also on Ctrl-C / SIGTERM); this script does not evaluate it"""
 
     # rollouts and optimization
     env_id: str = "CartPole-v1"
-    """the id of the environment (Discrete actions; vector observations, or Atari ids such as ALE/Breakout-v5)"""
+    """the id of the environment (vector observations with Discrete or Box actions, or an Atari id)"""
     total_timesteps: int = 500000
     """total timesteps of the experiments (trained samples; rollouts dropped by --max-policy-lag come on top)"""
     learning_rate: float = 2.5e-4
@@ -93,8 +94,8 @@ class Args:
     """the global gradient norm is clipped to this"""
 
     # VACO
-    policy_loss: Literal["vaco", "ppo", "spo"] = "vaco"
-    """the policy loss: `vaco` (TV filter), or the `ppo` (clipped) and `spo` baselines"""
+    policy_loss: Literal["vaco", "ppo", "spo", "ppo-kl"] = "vaco"
+    """the policy loss: `vaco` (TV filter), or the baselines `ppo` (clipped), `spo` and `ppo-kl` (KL penalty)"""
     tv_delta: float = 0.2
     """FILTER: trust-region bound on the sampled L1 distance mean|pi/beta - 1| (= 2 TV) of a minibatch"""
     realign: bool = True
@@ -105,6 +106,10 @@ class Args:
     """V-trace truncation of the trace coefficient c"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient of `ppo`, and the penalty scale of `spo`"""
+    kl_coef: float = 0.1
+    """`ppo-kl`: weight of the KL penalty (its starting value with --kl-target)"""
+    kl_target: float = 0.0
+    """`ppo-kl`: > 0 adapts --kl-coef once per iteration, x2 if the mean KL > 1.5 target, /2 if < target / 1.5"""
 
     # Asynchronous system arguments
     max_policy_lag: int | None = None
@@ -114,72 +119,71 @@ class Args:
     wait_timeout: float = 120.0
     """seconds any wait (rollout, free slot, weights lock) may last before the run stops with an error"""
 
-    # derived from the flags above
-    batch_size: int = 0
-    """samples per batch (set at start-up)"""
-    minibatch_size: int = 0
-    """samples per minibatch (set at start-up)"""
-    num_iterations: int = 0
-    """learner iterations of the run (set at start-up)"""
+
+class EpisodicLife(gym.Wrapper):
+    """A life loss ends the training episode, not the game: reset() then takes one no-op step and the game goes on."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.lives, self.game_over = 0, True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        terminated = terminated or 0 < lives < self.lives
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs):
+        game_over = self.game_over or kwargs.get("seed") is not None  # a seed asks for a fresh game
+        if not game_over:
+            obs, _, terminated, truncated, info = self.env.step(0)
+            game_over = terminated or truncated
+        if game_over:
+            obs, info = self.env.reset(**kwargs)
+        self.lives, self.game_over = self.env.unwrapped.ale.lives(), False
+        return obs, info
 
 
-def check_args(args):
-    """Stop with a one-line message, before any training, on input the run cannot use."""
-    batch_size = args.rollouts_per_batch * args.num_envs_per_actor * args.num_steps
-    problems = [
-        (args.tv_delta <= 0, f"--tv-delta must be > 0 (got {args.tv_delta}); the paper uses 0.2"),
-        (min(args.rho_bar, args.c_bar) <= 0, f"--rho-bar and --c-bar must be > 0 (got {args.rho_bar}, {args.c_bar})"),
-        (args.rho_bar < args.c_bar,
-         f"--rho-bar ({args.rho_bar}) must be >= --c-bar ({args.c_bar}), as V-trace requires"),
-        (min(args.num_actors, args.num_envs_per_actor, args.rollouts_per_batch) < 1,
-         "--num-actors, --num-envs-per-actor and --rollouts-per-batch must be >= 1"),
-        (min(args.num_steps, args.num_minibatches, args.update_epochs) < 1,
-         "--num-steps, --num-minibatches and --update-epochs must be >= 1"),
-        (batch_size % max(args.num_minibatches, 1) != 0,
-         f"the batch of --rollouts-per-batch x --num-envs-per-actor x --num-steps = {batch_size} samples does not "
-         f"split into --num-minibatches {args.num_minibatches} equal minibatches; pick a divisor"),
-        (args.total_timesteps < batch_size,
-         f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size} steps)"),
-        (args.policy_loss != "vaco" and args.clip_coef <= 0, f"--clip-coef must be > 0 (got {args.clip_coef})"),
-        (args.max_policy_lag is not None and args.max_policy_lag < 0,
-         f"--max-policy-lag must be >= 0 (got {args.max_policy_lag})"),
-        (args.max_actor_restarts < 0, f"--max-actor-restarts must be >= 0 (got {args.max_actor_restarts})"),
-        (args.wait_timeout <= 0, f"--wait-timeout must be > 0 seconds (got {args.wait_timeout})"),
-    ]
-    for failed, message in problems:
-        if failed:
-            raise SystemExit(f"error: {message}")
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (gymnasium's RecordVideo writes the files with it)
-        except ImportError:
-            raise SystemExit("error: --capture-video needs moviepy: pip install moviepy")
-    try:
-        gym.spec(args.env_id)
-    except gym.error.Error:
-        hint = " (Atari ids need ale-py: pip install ale-py)" if ale_py is None else ""
-        raise SystemExit(f"error: unknown --env-id {args.env_id!r}; try CartPole-v1 or ALE/Breakout-v5{hint}")
+class FireReset(gym.Wrapper):
+    """After every reset (under EpisodicLife, every life loss too) press FIRE, then action 2: Breakout waits for it."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        for action in (1, 2):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        return obs, info
 
 
 def is_atari(env_id):
     return "ale_py" in str(gym.spec(env_id).entry_point)
 
 
-def make_env(env_id, idx, capture_video, run_name, gamma):
+def make_env(env_id, idx, capture_video, run_name):
+    """Atari ids get vaco_atari.py's preprocessing, so that a score means the same in both scripts. Vector
+    observations and rewards stay raw: the learner owns their normalization (README: "Normalization under lag")."""
+
     def thunk():
-        kwargs = {"frameskip": 1} if is_atari(env_id) else {}  # Atari: AtariPreprocessing skips the frames
+        atari = is_atari(env_id)
+        # AtariPreprocessing skips the frames, not the id; the sticky actions of ALE/...-v5 ids stay on
+        ale_kwargs = dict(frameskip=1, obs_type="grayscale") if atari else {}
+        env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else None, **ale_kwargs)
         if capture_video and idx == 0:
-            env = gym.make(env_id, render_mode="rgb_array", **kwargs)
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
-        else:
-            env = gym.make(env_id, **kwargs)
-        if is_atari(env_id):  # the usual Atari preprocessing: 84x84 gray frames, 4 skipped and 4 stacked
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # under all of the preprocessing: the score of a whole game
+        if atari:
+            # 1 to 30 no-ops on reset, 4 frames per action (max of the last two), 84x84 grayscale; lives: EpisodicLife
             env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
-            env = gym.wrappers.RecordEpisodeStatistics(env)  # before reward clipping: it records the game score
-            env = gym.wrappers.TransformReward(env, np.sign)
-            env = gym.wrappers.FrameStackObservation(env, 4)
-        else:
-            env = gym.wrappers.RecordEpisodeStatistics(env)
+            env = EpisodicLife(env)
+            if env.unwrapped.get_action_meanings()[1] == "FIRE":  # FIRE is action 1 in every game that has it
+                env = FireReset(env)
+            env = gym.wrappers.TransformReward(env, lambda reward: float(np.sign(reward)))
+            env = gym.wrappers.FrameStackObservation(env, stack_size=4)
+        elif isinstance(env.action_space, gym.spaces.Box):  # continuous control: as vaco_classic.py
+            env = gym.wrappers.ClipAction(env)
         return env
 
     return thunk
@@ -192,193 +196,207 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+def mlp(in_dim, out_dim, out_std):
+    return nn.Sequential(layer_init(nn.Linear(in_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)), nn.Tanh(),
+                         layer_init(nn.Linear(64, out_dim), std=out_std))
+
+
 class Agent(nn.Module):
+    """Vectors: separate tanh MLPs for the actor and the critic, as vaco_classic.py. Atari frames: the Nature CNN
+    trunk shared by both heads, as vaco_atari.py. Box actions: a Gaussian with a state-independent log std, on
+    observations normalized with the statistics obs_mean and obs_var, which are part of the policy: the learner
+    publishes them with the weights, and an actor acts with the statistics of the weights it holds."""
+
     def __init__(self, observation_space, action_space):
         super().__init__()
-        act_dim = int(action_space.n)
-        self.images = len(observation_space.shape) == 3  # stacked frames: Nature-CNN trunk shared by both heads
+        self.images = len(observation_space.shape) == 3
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        act_dim = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         if self.images:
-            self.trunk = nn.Sequential(
-                layer_init(nn.Conv2d(observation_space.shape[0], 32, 8, stride=4)),
-                nn.ReLU(),
-                layer_init(nn.Conv2d(32, 64, 4, stride=2)),
-                nn.ReLU(),
-                layer_init(nn.Conv2d(64, 64, 3, stride=1)),
-                nn.ReLU(),
-                nn.Flatten(),
-            )
-            with torch.no_grad():
-                n_flat = self.trunk(torch.zeros((1,) + observation_space.shape)).shape[1]
-            self.trunk.append(layer_init(nn.Linear(n_flat, 512)))
-            self.trunk.append(nn.ReLU())
-            self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+            self.trunk = nn.Sequential(layer_init(nn.Conv2d(4, 32, 8, stride=4)), nn.ReLU(),
+                                       layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+                                       layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
+                                       layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU())
             self.actor = layer_init(nn.Linear(512, act_dim), std=0.01)
-            return
-        obs_dim = int(np.prod(observation_space.shape))
-        self.trunk = nn.Identity()
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 1), std=1.0),
-        )
-        self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, act_dim), std=0.01),
-        )
+            self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+        else:
+            self.actor = mlp(observation_space.shape[0], act_dim, out_std=0.01)
+            self.critic = mlp(observation_space.shape[0], 1, out_std=1.0)
+        if self.continuous:
+            self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
+            # the observation statistics: parameters that no gradient reaches, so that they travel with the weights
+            self.obs_mean = nn.Parameter(torch.zeros(observation_space.shape), requires_grad=False)
+            self.obs_var = nn.Parameter(torch.ones(observation_space.shape), requires_grad=False)
 
     def features(self, x):
-        return self.trunk(x.float() / 255.0) if self.images else x  # frames travel as uint8
+        """What the heads see: frames scaled to [0, 1]; with Box actions, the observations normalized with this
+        policy's statistics and clipped to [-10, 10], as gymnasium's NormalizeObservation and vaco_classic.py do."""
+        x = x.float()
+        if self.images:
+            return self.trunk(x / 255.0)
+        if self.continuous:
+            return ((x - self.obs_mean) / torch.sqrt(self.obs_var + 1e-8)).clamp(-10, 10)
+        return x
 
     def get_value(self, x):
         return self.critic(self.features(x)).squeeze(-1)
 
-    def get_dist(self, x):
-        return Categorical(logits=self.actor(self.features(x)))
-
     def get_action_and_value(self, x, action=None):
         hidden = self.features(x)
-        dist = Categorical(logits=self.actor(hidden))
+        out = self.actor(hidden)
+        dist = Normal(out, self.actor_logstd.expand_as(out).exp()) if self.continuous else Categorical(logits=out)
         if action is None:
             action = dist.sample()
-        return action, dist.log_prob(action), dist.entropy(), self.critic(hidden).squeeze(-1)
+        logprob, entropy = dist.log_prob(action), dist.entropy()
+        if self.continuous:  # independent action dimensions
+            logprob, entropy = logprob.sum(-1), entropy.sum(-1)
+        return action, logprob, entropy, self.critic(hidden).squeeze(-1)
 
 
 def compute_vtrace(rewards, values, bootstrap_value, dones, log_rhos, gamma, gae_lambda, rho_bar, c_bar):
-    """ALIGN (spec section 2): V-trace advantages and value targets of the learner's policy from lagged data.
+    """ALIGN (README: "The algorithm"): V-trace advantages and value targets of the learner's policy from lagged data.
 
     Tensors are [T, N]; bootstrap_value [N] is V of the observation after the last step; dones[t] = the episode
     ended at step t; log_rhos = log pi_T(a|s) - log beta(a|s). With log_rhos = 0 this is GAE(lambda).
     """
-    rhos = torch.exp(log_rhos)
-    clipped_rhos = torch.clamp(rhos, max=rho_bar)
-    cs = gae_lambda * torch.clamp(rhos, max=c_bar)
+    clipped_rhos = torch.clamp(log_rhos.exp(), max=rho_bar)
+    cs = gae_lambda * torch.clamp(log_rhos.exp(), max=c_bar)
     not_dones = 1.0 - dones
     next_values = torch.cat([values[1:], bootstrap_value.unsqueeze(0)], dim=0)
     deltas = rewards + gamma * not_dones * next_values - values
-    advantages = torch.empty_like(values)
-    vs_minus_v = torch.empty_like(values)
-    acc = torch.zeros_like(bootstrap_value)  # acc[t + 1], zero past the last step
+    advantages, vs_minus_v = torch.empty_like(values), torch.empty_like(values)  # vs_minus_v[t] = v_t - V(s_t)
+    next_vs_minus_v = torch.zeros_like(bootstrap_value)  # v_{t+1} - V(s_{t+1}), zero past the last step
     for t in reversed(range(values.shape[0])):
-        advantages[t] = deltas[t] + gamma * gae_lambda * not_dones[t] * acc
-        acc = clipped_rhos[t] * deltas[t] + gamma * not_dones[t] * cs[t] * acc
-        vs_minus_v[t] = acc
+        advantages[t] = deltas[t] + gamma * gae_lambda * not_dones[t] * next_vs_minus_v
+        vs_minus_v[t] = clipped_rhos[t] * deltas[t] + gamma * not_dones[t] * cs[t] * next_vs_minus_v
+        next_vs_minus_v = vs_minus_v[t]
     return advantages, values + vs_minus_v
 
 
-def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef):
-    """FILTER (spec section 3) and the baselines (section 4) on one minibatch; the ratio is always pi_theta / beta.
+def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef, kl_coef):
+    """FILTER and the baseline losses (README: "The algorithm") on one minibatch; the ratio is always pi_theta / beta.
 
     Returns (pg_loss, stats) with stats 'tv' = 0.5 mean|r - 1|, 'filtered_frac' (share of samples the filter
     dropped) and 'gate' (1.0 if mean|r - 1| > tv_delta).
     """
-    ratio = torch.exp(newlogprob - behavior_logprob)
+    logratio = newlogprob - behavior_logprob
+    ratio = torch.exp(logratio)
     with torch.no_grad():
         l1 = (ratio - 1).abs().mean()
         gate = l1 > tv_delta
+    keep = torch.ones_like(ratio, dtype=torch.bool)  # only the vaco filter drops samples
     if kind == "vaco":
         # outside the trust region keep only the samples whose gradient step does not increase |r - 1|
-        keep = torch.logical_or(~gate, advantages * (ratio.detach() - 1) <= 0)
+        keep = ~gate | (advantages * (ratio.detach() - 1) <= 0)
         loss = -(keep * advantages * ratio).mean()  # dropped samples still count in the denominator
-        filtered_frac = 1.0 - keep.float().mean().item()
     elif kind == "ppo":
-        clipped_ratio = torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
-        loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()
-        filtered_frac = 0.0
+        loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
     elif kind == "spo":
         loss = -(advantages * ratio - advantages.abs() / (2 * clip_coef) * (ratio - 1) ** 2).mean()
-        filtered_frac = 0.0
+    elif kind == "ppo-kl":
+        # (r - 1) - log r >= 0 has expectation KL(beta || pi_theta) under the behavior policy's samples
+        loss = -(advantages * ratio).mean() + kl_coef * ((ratio - 1) - logratio).mean()
     else:
-        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo' or 'spo'")
-    return loss, {"tv": 0.5 * l1.item(), "filtered_frac": filtered_frac, "gate": float(gate.item())}
+        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo', 'spo' or 'ppo-kl'")
+    return loss, {"tv": 0.5 * l1.item(), "filtered_frac": 1.0 - keep.float().mean().item(), "gate": float(gate.item())}
 
 
-def actor_main(actor_id, generation, args, run_name, weights, versions, lock, slots, free_slots, free_conn, full_conn):
-    """An actor process: fill free slots with rollouts of the newest weights it has, report them to the learner."""
+def adapt_kl_coef(kl_coef, kl, kl_target):
+    """PPO's adaptive KL penalty, once per iteration: double the coefficient if the iteration's mean KL exceeded
+    1.5 kl_target, halve it if the KL stayed under kl_target / 1.5; kl_target = 0 keeps it fixed."""
+    if kl_target > 0 and kl > 1.5 * kl_target:
+        return kl_coef * 2
+    if kl_target > 0 and kl < kl_target / 1.5:
+        return kl_coef / 2
+    return kl_coef
+
+
+def rollout_buffers(T, n, observation_space, action_space):
+    """Zeroed [time, env] tensors for T steps of n envs: an actor's rollout slot, or the learner's batch (n = all of
+    its envs). obs and values have one more row: the observation after the last step, and its value."""
+    obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
+    action_dtype = torch.float32 if isinstance(action_space, gym.spaces.Box) else torch.long
+    return {
+        "obs": torch.zeros((T + 1, n) + observation_space.shape, dtype=obs_dtype),  # raw observations
+        "actions": torch.zeros((T, n) + action_space.shape, dtype=action_dtype),
+        "logprobs": torch.zeros(T, n),  # behavior log-probs, log beta(a|s)
+        "rewards": torch.zeros(T, n),  # raw rewards
+        "dones": torch.zeros(T, n),  # dones[t]: the episode ended at step t
+        "values": torch.zeros(T + 1, n),  # behavior critic at rollout time
+        "truncation_values": torch.zeros(T, n),  # behavior critic's V(final obs) where a time limit cut the episode
+        "discounted_rewards": torch.zeros(T, n),  # gymnasium NormalizeReward's running discounted sum of rewards
+    }
+
+
+@torch.no_grad()
+def collect_rollout(args, behavior, envs, next_obs, discounted, slot):
+    """Fill `slot` with num_steps steps of every env, acting with `behavior` on the raw observations (so with the
+    observation statistics of its version). `discounted` (per env) is updated in place. Returns the observation
+    after the last step and the finished episodes."""
+    episodes = []
+    for step in range(args.num_steps):
+        slot["obs"][step] = torch.as_tensor(next_obs)
+        action, logprob, _, value = behavior.get_action_and_value(slot["obs"][step])
+        slot["actions"][step], slot["logprobs"][step], slot["values"][step] = action, logprob, value
+
+        next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
+        discounted *= args.gamma * (1 - terminations)
+        discounted += reward
+        slot["rewards"][step], slot["discounted_rewards"][step] = torch.as_tensor(reward), torch.as_tensor(discounted)
+        slot["dones"][step] = torch.as_tensor(terminations | truncations)
+        slot["truncation_values"][step] = 0.0
+        truncated = np.flatnonzero(truncations & ~terminations)
+        if len(truncated) > 0:  # a time limit is not a real terminal: the learner bootstraps with this critic value
+            final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]))
+            slot["truncation_values"][step, truncated] = behavior.get_value(final_obs)
+        for i in np.flatnonzero(infos.get("final_info", {}).get("_episode", [])):
+            episodes.append((float(infos["final_info"]["episode"]["r"][i]),
+                             int(infos["final_info"]["episode"]["l"][i])))
+    slot["obs"][args.num_steps] = torch.as_tensor(next_obs)
+    slot["values"][args.num_steps] = behavior.get_value(slot["obs"][args.num_steps])
+    return next_obs, episodes
+
+
+# What one actor process gets: its shared weights buffer, their version and the lock that guards both, its rollout
+# slots (free_slots: the ids of those it may fill now), and its ends of the two pipes to the learner.
+ActorLink = namedtuple("ActorLink", "index generation weights version lock slots free_slots free_conn full_conn")
+
+
+def actor_main(args, run_name, link):
+    """An actor process: fill free slots with rollouts of the newest weights it has, report them to the learner.
+    An error ends it with its traceback on the run's stderr and exit code 1; the learner restarts it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the learner decides
     torch.set_num_threads(1)  # several actors share the cores; intra-op threads would only contend
-    try:
-        run_actor(actor_id, generation, args, run_name, weights, versions, lock, slots, free_slots, free_conn,
-                  full_conn)
-    except (EOFError, BrokenPipeError):  # the learner is gone: nobody to report to
-        pass
-    except BaseException:
-        try:
-            full_conn.send(("error", traceback.format_exc()))
-        except OSError:
-            pass
-        sys.exit(1)
-
-
-def run_actor(actor_id, generation, args, run_name, weights, versions, lock, slots, free_slots, free_conn, full_conn):
-    seed = args.seed + 1000 * (actor_id + 1) + 100_000 * generation  # a restarted actor plays new episodes
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed = args.seed + 1000 * (link.index + 1) + 100_000 * link.generation  # a restarted actor plays new episodes
+    torch.manual_seed(seed)  # the actions' sampling; the envs are seeded by reset
     n = args.num_envs_per_actor
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, actor_id * n + j, args.capture_video and generation == 0, run_name, args.gamma)
-         for j in range(n)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
+    video = args.capture_video and link.generation == 0  # a restarted actor 0 records no more videos
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, link.index * n + j, video, run_name) for j in range(n)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     behavior = Agent(envs.single_observation_space, envs.single_action_space)
-    local_weights, local_version = weights.clone(), -1
-    obs_dtype = next(iter(slots.values()))["obs"].dtype
+    local_version = -1
     next_obs, _ = envs.reset(seed=seed)
-    envs.action_space.seed(seed)
-    next_obs = torch.as_tensor(next_obs, dtype=obs_dtype)
-    free = deque(free_slots)
-    while True:
-        wait_start = time.time()
-        while not free:  # every slot of this actor waits in the learner's batch
-            if free_conn.poll(1.0):
-                free.append(free_conn.recv())  # EOFError when the learner is gone
-            elif time.time() - wait_start > args.wait_timeout:
-                raise TimeoutError(f"no free rollout slot for {args.wait_timeout} s: the learner seems stuck")
-        if int(versions[actor_id]) != local_version:  # reload only when the learner published something new
-            if not lock.acquire(timeout=args.wait_timeout):
-                raise TimeoutError(f"the weights lock was held for {args.wait_timeout} s")
-            try:  # under the lock: never a half-written set of weights
-                local_weights.copy_(weights)
-                local_version = int(versions[actor_id])
-            finally:
-                lock.release()
-            vector_to_parameters(local_weights, behavior.parameters())
-        actor_wait = time.time() - wait_start
-
-        slot_id = free.popleft()
-        slot = slots[slot_id]
-        episodes = []
-        for step in range(0, args.num_steps):
-            slot["obs"][step] = next_obs
-            with torch.no_grad():
-                action, logprob, _, value = behavior.get_action_and_value(next_obs)
-            slot["values"][step], slot["actions"][step], slot["logprobs"][step] = value, action, logprob
-
-            next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
-            slot["rewards"][step] = torch.as_tensor(reward, dtype=torch.float32)
-            slot["dones"][step] = torch.as_tensor(terminations | truncations, dtype=torch.float32)
-            next_obs = torch.as_tensor(next_obs, dtype=obs_dtype)
-            if "final_obs" in infos:
-                # time-limit truncation is not a real terminal: bootstrap the reward with the rollout critic
-                truncated = np.flatnonzero(truncations & ~terminations)
-                if len(truncated) > 0:
-                    final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]), dtype=obs_dtype)
-                    with torch.no_grad():
-                        slot["rewards"][step, truncated] += args.gamma * behavior.get_value(final_obs)
-                finished = infos["final_info"].get("_episode", np.zeros(n, dtype=bool))
-                for i in np.flatnonzero(finished):
-                    episodes.append((float(infos["final_info"]["episode"]["r"][i]),
-                                     int(infos["final_info"]["episode"]["l"][i])))
-        slot["next_obs"][:] = next_obs
-        with torch.no_grad():
-            slot["next_values"][:] = behavior.get_value(next_obs)  # the behavior critic's bootstrap (--no-realign)
-        full_conn.send(("rollout", {"slot": slot_id, "version": local_version, "episodes": episodes,
-                                    "actor_wait_s": actor_wait}))
+    discounted = np.zeros(n)
+    free = deque(link.free_slots)
+    with contextlib.suppress(EOFError, BrokenPipeError):  # the learner is gone: nobody to report to
+        while True:
+            wait_start = time.time()
+            if not free:  # every slot of this actor waits in the learner's batch
+                if not link.free_conn.poll(args.wait_timeout):
+                    raise TimeoutError(f"no free rollout slot for {args.wait_timeout} s: the learner seems stuck")
+                free.append(link.free_conn.recv())  # EOFError when the learner is gone
+            if int(link.version) != local_version:  # reload only when the learner published something new
+                if not link.lock.acquire(timeout=args.wait_timeout):
+                    raise TimeoutError(f"the weights lock was held for {args.wait_timeout} s")
+                # a copy under the lock: never a half-written set of weights (the parameters become views of it)
+                vector_to_parameters(link.weights.clone(), behavior.parameters())
+                local_version = int(link.version)
+                link.lock.release()
+            actor_wait = time.time() - wait_start
+            slot_id = free.popleft()
+            next_obs, episodes = collect_rollout(args, behavior, envs, next_obs, discounted, link.slots[slot_id])
+            link.full_conn.send({"slot": slot_id, "version": local_version, "episodes": episodes,
+                                 "actor_wait_s": actor_wait})
 
 
 def start_process_server():
@@ -403,43 +421,33 @@ class ActorPool:
     and the learner replaces all three when it restarts the actor.
     """
 
-    def __init__(self, args, agent, observation_space, run_name, writer):
+    def __init__(self, args, agent, observation_space, action_space, run_name, writer):
         self.ctx = start_process_server()  # already running: the main block started it earlier
         self.args, self.run_name, self.writer = args, run_name, writer
-        A, n, T = args.num_actors, args.num_envs_per_actor, args.num_steps
-        self.slots_per_actor = -(-args.rollouts_per_batch // A) + 1  # one more than its share of a batch
-        obs_shape = observation_space.shape
-        obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
-        shapes = {"obs": ((T, n) + obs_shape, obs_dtype), "actions": ((T, n), torch.long),
-                  "logprobs": ((T, n), torch.float32), "rewards": ((T, n), torch.float32),
-                  "dones": ((T, n), torch.float32), "values": ((T, n), torch.float32),
-                  "next_obs": ((n,) + obs_shape, obs_dtype), "next_values": ((n,), torch.float32)}
-        self.slots = [{k: torch.zeros(shape, dtype=dtype).share_memory_() for k, (shape, dtype) in shapes.items()}
-                      for _ in range(A * self.slots_per_actor)]
+        self.slots_per_actor = math.ceil(args.rollouts_per_batch / args.num_actors) + 1  # its share of a batch, + 1
+        self.slots = [{key: buffer.share_memory_() for key, buffer in rollout_buffers(
+            args.num_steps, args.num_envs_per_actor, observation_space, action_space).items()}
+            for _ in range(args.num_actors * self.slots_per_actor)]
         self.version = 0  # learner updates published so far
         self.flat = parameters_to_vector(agent.parameters()).detach().cpu()
-        self.weights = [self.flat.clone().share_memory_() for _ in range(A)]
-        self.versions = torch.zeros(A, dtype=torch.int64).share_memory_()
-        self.locks, self.procs, self.free_conns, self.full_conns = [None] * A, [None] * A, [None] * A, [None] * A
-        self.generation, self.errors, self.held, self.ready, self.restarts = [0] * A, {}, set(), deque(), 0
-        for i in range(A):
-            self.start(i)
+        # per actor: its link, its process, and the learner's ends of its two pipes
+        self.links, self.procs, self.free_conns, self.full_conns = ([None] * args.num_actors for _ in range(4))
+        self.ready, self.restarts = deque(), 0  # messages of filled slots the learner has not taken yet; failures
+        for i in range(args.num_actors):
+            self.start(i, generation=0)
 
-    def owned(self, i):
-        return range(i * self.slots_per_actor, (i + 1) * self.slots_per_actor)
-
-    def start(self, i):
-        self.locks[i] = self.ctx.Lock()  # a fresh lock: a killed actor may have died holding the old one
-        self.weights[i].copy_(self.flat)
-        self.versions[i] = self.version
+    def start(self, i, generation):
         free_recv, free_send = self.ctx.Pipe(duplex=False)
         full_recv, full_send = self.ctx.Pipe(duplex=False)
-        free_slots = [s for s in self.owned(i) if s not in self.held]  # the others come back after the batch
-        proc = self.ctx.Process(
-            target=actor_main, name=f"actor-{i}", daemon=True,  # daemon: terminated if the learner exits abruptly
-            args=(i, self.generation[i], self.args, self.run_name, self.weights[i], self.versions, self.locks[i],
-                  {s: self.slots[s] for s in self.owned(i)}, free_slots, free_recv, full_send),
-        )
+        owned = range(i * self.slots_per_actor, (i + 1) * self.slots_per_actor)
+        self.links[i] = ActorLink(
+            index=i, generation=generation, weights=self.flat.clone().share_memory_(),
+            version=torch.tensor(self.version).share_memory_(), free_conn=free_recv, full_conn=full_send,
+            lock=self.ctx.Lock(),  # a fresh one: a killed actor may have died holding the old one
+            free_slots=[s for s in owned if s not in {m["slot"] for m in self.ready}],  # the others come back later
+            slots={s: self.slots[s] for s in owned})
+        proc = self.ctx.Process(target=actor_main, name=f"actor-{i}", args=(self.args, self.run_name, self.links[i]),
+                                daemon=True)  # daemon: terminated if the learner exits abruptly
         proc.start()
         free_recv.close()  # only the actor holds these ends now, so each side sees EOF when the other is gone
         full_send.close()
@@ -447,28 +455,20 @@ class ActorPool:
         print(f"actor {i} started (pid {proc.pid})", flush=True)
 
     def publish(self, agent):
-        """Copy the learner's parameters to every actor's buffer, each under that actor's lock."""
+        """Copy the learner's policy (weights and observation statistics) to every actor's buffer under its lock."""
         self.version += 1
         self.flat.copy_(parameters_to_vector(agent.parameters()).detach())
-        for i, lock in enumerate(self.locks):
-            deadline = time.time() + self.args.wait_timeout
-            while not lock.acquire(timeout=0.5):
-                if not self.procs[i].is_alive():  # died holding it: next_rollout restarts it with a new lock
-                    break
-                if time.time() > deadline:
-                    raise SystemExit(f"error: actor {i} held its weights lock for {self.args.wait_timeout} s")
-            else:
-                self.weights[i].copy_(self.flat)
-                self.versions[i] = self.version
-                lock.release()
+        for link in self.links:
+            # a second at most: an actor holds its lock only to copy the weights; one that died holding it gets a
+            # fresh lock when it is restarted, one that is stuck gets the next version
+            if link.lock.acquire(timeout=1.0):
+                link.weights.copy_(self.flat)
+                link.version.fill_(self.version)
+                link.lock.release()
 
     def free(self, slot_id):
-        self.held.discard(slot_id)
-        i = slot_id // self.slots_per_actor
-        try:
-            self.free_conns[i].send(slot_id)
-        except OSError:  # the actor is dead: its restart hands every slot the learner does not hold to the new one
-            pass
+        with contextlib.suppress(OSError):  # a dead actor: its restart hands every slot not waiting in `ready` over
+            self.free_conns[slot_id // self.slots_per_actor].send(slot_id)
 
     def next_rollout(self):
         """The next filled rollout from any actor; restarts actors that died on the way."""
@@ -476,97 +476,209 @@ class ActorPool:
         while not self.ready:
             if time.time() > deadline:
                 raise SystemExit(f"error: no rollout arrived for {self.args.wait_timeout} s (--wait-timeout)")
-            sentinels = [p.sentinel for p in self.procs]
-            ready = connection.wait(self.full_conns + sentinels, timeout=1.0)
-            for i in range(len(self.procs)):
-                if self.full_conns[i] in ready or sentinels[i] in ready:
-                    alive = self.receive(i)
-                    if not alive or sentinels[i] in ready:
-                        self.restart(i)
-                        deadline = time.time() + self.args.wait_timeout
+            ready = connection.wait(self.full_conns + [proc.sentinel for proc in self.procs], timeout=1.0)
+            for i, proc in enumerate(self.procs):
+                failed = proc.sentinel in ready  # it exited: first take what it sent before
+                try:
+                    while self.full_conns[i].poll():
+                        self.ready.append(self.full_conns[i].recv())
+                except (EOFError, OSError):  # its pipe is closed: it is gone
+                    failed = True
+                if failed:
+                    self.restart(i)
+                    deadline = time.time() + self.args.wait_timeout
         return self.ready.popleft()
-
-    def receive(self, i):
-        """Read every pending message of actor i; False once its pipe is closed."""
-        try:
-            while self.full_conns[i].poll():
-                kind, payload = self.full_conns[i].recv()
-                if kind == "rollout":
-                    self.held.add(payload["slot"])
-                    self.ready.append(payload)
-                else:
-                    self.errors[i] = payload
-            return True
-        except (EOFError, OSError):
-            return False
 
     def restart(self, i):
         proc = self.procs[i]
         proc.join(timeout=5)
-        if proc.is_alive():  # closed its pipe yet still runs: a broken actor
-            proc.kill()
-            proc.join(timeout=5)
+        proc.kill()  # if it closed its pipe yet still runs: a broken actor
+        proc.join(timeout=5)
         code = proc.exitcode
-        cause = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else \
-            f"exited with code {code}"
-        error = self.errors.pop(i, "").strip()
-        message = f"actor {i} (pid {proc.pid}) failed: {cause}" + (f"\n{error}" if error else "")
+        cause = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        message = f"actor {i} (pid {proc.pid}) failed: {cause}"
         self.restarts += 1
-        self.full_conns[i].close()
-        self.free_conns[i].close()
         print(message, file=sys.stderr, flush=True)
-        self.writer.add_text("actors/failures", message.replace("\n", "  \n"), self.restarts)
+        self.writer.add_text("actors/failures", message, self.restarts)
         if self.restarts > self.args.max_actor_restarts:
             raise SystemExit(f"error: stopping after {self.restarts} actor failures (--max-actor-restarts "
                              f"{self.args.max_actor_restarts} exhausted); the last one: {message}")
-        self.generation[i] += 1
-        self.start(i)
+        self.start(i, generation=self.links[i].generation + 1)
 
     def close(self):
-        """Stop every actor; returns within a few seconds whatever state they are in."""
-        alive = [p for p in self.procs if p is not None and p.is_alive()]
-        for p in alive:
-            p.terminate()
-        for p in alive:
-            p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=2)
-        for conn in self.free_conns + self.full_conns:
-            if conn is not None:
-                conn.close()
+        """Stop every actor at once, whatever state it is in (they hold nothing that needs saving)."""
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.join(timeout=5)
 
 
-def evaluate(model_path, args, run_name, device):
-    """Greedy episodes (argmax action) of the saved model."""
-    checkpoint = torch.load(model_path, map_location=device)
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, 0, args.capture_video, f"{run_name}-eval", args.gamma)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
-    agent.load_state_dict(checkpoint["model"])
-    obs, _ = envs.reset(seed=args.seed + 10_000)
-    episodic_returns = []
-    while len(episodic_returns) < args.eval_episodes:
+def train(args, agent, optimizer, actors, batch, writer):
+    """The learner: gather a batch of rollouts, update the normalization statistics, ALIGN once, FILTER in every
+    minibatch, publish the new version, log. Returns the lag counts of the trained rollouts."""
+    T, n, N = args.num_steps, args.num_envs_per_actor, batch["rewards"].shape[1]
+    batch_size = T * N
+    minibatch_size, num_iterations = batch_size // args.num_minibatches, args.total_timesteps // batch_size
+    obs_rms, reward_rms = RunningMeanStd(shape=batch["obs"].shape[2:]), RunningMeanStd(shape=())
+    global_step, start_time, recent_returns, lag_counts = 0, time.time(), deque(maxlen=20), Counter()
+    for iteration in range(1, num_iterations + 1):
+        if stop_requested:
+            print(f"interrupted at step {global_step}")
+            break
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+
+        # gather a batch, each rollout copied out of shared memory and its slot handed back at once (the actor
+        # refills it meanwhile); rollouts older than --max-policy-lag learner versions are dropped (the hard filter)
+        rollouts, dropped, wait_start = [], 0, time.time()
+        while len(rollouts) < args.rollouts_per_batch:
+            rollout = actors.next_rollout()
+            global_step += T * n
+            for episodic_return, episodic_length in rollout["episodes"]:
+                recent_returns.append(episodic_return)
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            if args.max_policy_lag is not None and actors.version - rollout["version"] > args.max_policy_lag:
+                dropped += 1
+            else:
+                for key, buffer in actors.slots[rollout["slot"]].items():
+                    batch[key][:, len(rollouts) * n : (len(rollouts) + 1) * n] = buffer
+                rollouts.append(rollout)
+            actors.free(rollout["slot"])
+        learner_wait = time.time() - wait_start
+        lags = [actors.version - rollout["version"] for rollout in rollouts]
+        lag_counts.update(lags)
+
+        # Box actions: the learner's statistics, from this batch's raw data (README: "Normalization under lag"), then
+        # rewards scaled as gymnasium's NormalizeReward does and clipped, as vaco_classic.py
+        rewards = batch["rewards"]
+        if agent.continuous:
+            obs_rms.update(batch["obs"][:T].flatten(0, 1).cpu().numpy())
+            reward_rms.update(batch["discounted_rewards"].flatten().cpu().numpy())
+            agent.obs_mean.copy_(torch.as_tensor(obs_rms.mean))
+            agent.obs_var.copy_(torch.as_tensor(obs_rms.var))
+            rewards = (rewards / float(np.sqrt(reward_rms.var + 1e-8))).clamp(-10, 10)
+        rewards = rewards + args.gamma * batch["truncation_values"]  # a time limit: bootstrapped with the critic
+
+        # ALIGN: once per batch, the advantages of the learner snapshot pi_T with the latest critic, on raw observations
         with torch.no_grad():
-            action = agent.get_dist(torch.as_tensor(obs, device=device)).mode
-        obs, _, _, _, infos = envs.step(action.cpu().numpy())
-        if "final_info" in infos and "episode" in infos["final_info"]:
-            episodic_returns.append(float(infos["final_info"]["episode"]["r"][0]))
-    envs.close()
-    return episodic_returns
+            b_obs, b_actions = batch["obs"][:T].flatten(0, 1), batch["actions"].flatten(0, 1)
+            b_logprobs = batch["logprobs"].flatten()
+            _, b_learner_logprobs, _, b_learner_values = agent.get_action_and_value(b_obs, b_actions)
+            b_rhos = (b_learner_logprobs - b_logprobs).exp()  # pi_T / beta
+            # --no-realign: naive asynchronous PPO, GAE over the values of the behavior network (rho = 1)
+            b_values = b_learner_values if args.realign else batch["values"][:T].flatten()
+            bootstrap = agent.get_value(batch["obs"][T]) if args.realign else batch["values"][T]
+            log_rhos = (b_learner_logprobs - b_logprobs).view(T, N) if args.realign else torch.zeros_like(rewards)
+            advantages, returns = compute_vtrace(rewards, b_values.view(T, N), bootstrap, batch["dones"], log_rhos,
+                                                 args.gamma, args.gae_lambda, args.rho_bar, args.c_bar)
+            b_advantages, b_returns = advantages.flatten(), returns.flatten()
+
+        # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
+        minibatch_stats = []
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(batch_size, device=b_obs.device)
+            for start in range(0, batch_size, minibatch_size):
+                mb_inds = b_inds[start : start + minibatch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
+                                                args.tv_delta, args.clip_coef, args.kl_coef)
+                v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+                with torch.no_grad():  # http://joschu.net/blog/kl-approx.html, against the behavior policy
+                    logratio = newlogprob - b_logprobs[mb_inds]
+                    ratio = logratio.exp()
+                    minibatch_stats.append({
+                        "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
+                        "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": (-logratio).mean().item(),
+                        "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
+                        "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
+                        "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
+                        "losses/filtered_frac": pg_stats["filtered_frac"], "losses/filter_gate_frac": pg_stats["gate"]})
+        actors.publish(agent)
+
+        # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
+        target_var = b_returns.var().item()
+        explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
+
+        # log the iteration: the mean over its minibatches of each loss statistic
+        logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
+        logged.update({"losses/explained_variance": explained_var, "charts/kl_coef": args.kl_coef,
+                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "perf/learner_wait_s": learner_wait,
+                       "charts/SPS": int(global_step / (time.time() - start_time)), "charts/policy_lag": np.mean(lags),
+                       "charts/policy_lag_max": max(lags), "align/rho_mean": b_rhos.mean().item(),
+                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
+                       "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item(),
+                       "charts/behavior_version": np.mean([rollout["version"] for rollout in rollouts]),
+                       "charts/dropped_rollouts": dropped, "charts/actor_restarts": actors.restarts,
+                       "perf/actor_wait_s": np.mean([rollout["actor_wait_s"] for rollout in rollouts])})
+        for key, value in logged.items():
+            writer.add_scalar(key, value, global_step)
+        args.kl_coef = adapt_kl_coef(args.kl_coef, logged["losses/approx_kl"], args.kl_target)
+        if iteration % 10 == 0 or iteration == num_iterations:
+            recent = f"{np.mean(recent_returns):8.2f}" if recent_returns else "     n/a"
+            print(f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
+                  f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f} | "
+                  f"lag {logged['charts/policy_lag']:.2f}", flush=True)
+    return lag_counts
+
+
+def check_args(args):
+    """Stop with one line naming the flag, its value and its valid range, before anything is created; returns the
+    observation and action spaces of the environment."""
+    given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
+    batch = args.rollouts_per_batch * args.num_envs_per_actor * args.num_steps  # samples per learner batch
+    counts = "num-actors num-envs-per-actor num-steps rollouts-per-batch update-epochs"
+    rules = [(f, given[f] >= 1, ">= 1") for f in counts.split()]
+    rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
+    rules += [(f, given[f] > 0, "> 0") for f in "learning-rate max-grad-norm tv-delta rho-bar clip-coef".split()]
+    rules += [(f, given[f] >= 0, ">= 0") for f in "ent-coef vf-coef kl-coef kl-target".split()]
+    rules += [
+        ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
+        ("total-timesteps", args.total_timesteps >= batch, f">= one batch ({batch} samples)"),
+        ("num-minibatches", args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+         f"a divisor of the batch ({batch} samples: rollouts x envs per actor x steps)"),
+        ("c-bar", 0 < args.c_bar <= args.rho_bar, f"in (0, --rho-bar] = (0, {args.rho_bar}], as V-trace requires"),
+        ("max-policy-lag", args.max_policy_lag is None or args.max_policy_lag >= 0, ">= 0 (or unset)"),
+        ("max-actor-restarts", args.max_actor_restarts >= 0, ">= 0"),
+        ("wait-timeout", args.wait_timeout > 0, "> 0 seconds"),
+        ("capture-video", not args.capture_video or importlib.util.find_spec("moviepy"), "off without moviepy"),
+        ("track", not args.track or importlib.util.find_spec("wandb"), "off without wandb"),
+    ]
+    for flag, valid, valid_range in rules:
+        if not valid:
+            raise SystemExit(f"error: --{flag} must be {valid_range} (got {given[flag]})")
+    try:
+        env = make_env(args.env_id, 0, False, "")()  # only to check its spaces: the learner steps no env
+    except gym.error.Error as e:  # an unknown id, or a package it needs is missing (Atari ids: ale-py)
+        raise SystemExit(f"error: --env-id {args.env_id}: {e}")
+    env.close()
+    vectors = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
+    if not ((vectors or is_atari(args.env_id)) and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))):
+        raise SystemExit(f"error: --env-id {args.env_id} has {env.observation_space} observations, {env.action_space}"
+                         " actions; vaco_async_mp.py takes vector (1-D Box) observations or Atari frames, Discrete or"
+                         " Box actions")
+    return env.observation_space, env.action_space
 
 
 if __name__ == "__main__":
     import tyro
 
     args = tyro.cli(Args)
-    check_args(args)
-    args.batch_size = int(args.rollouts_per_batch * args.num_envs_per_actor * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = args.total_timesteps // args.batch_size
+    observation_space, action_space = check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    start_process_server()  # now, so that its imports overlap the learner's setup below
 
     # seeding
     random.seed(args.seed)
@@ -574,20 +686,10 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # the learner steps no env: one instance tells it the spaces the actors will see
-    try:
-        probe_env = make_env(args.env_id, 0, False, run_name, args.gamma)()
-    except gym.error.DependencyNotInstalled as e:
-        raise SystemExit(f"error: {args.env_id} needs a package that is not installed: {e}")
-    observation_space, action_space = probe_env.observation_space, probe_env.action_space
-    probe_env.close()
-    if not isinstance(action_space, gym.spaces.Discrete):
-        raise SystemExit(f"error: {args.env_id} has {action_space}; only Discrete actions work here "
-                         "(continuous control: vaco_classic.py)")
-    if not (isinstance(observation_space, gym.spaces.Box) and len(observation_space.shape) in (1, 3)):
-        raise SystemExit(f"error: {args.env_id} has {observation_space}; expected vectors or stacked frames")
-    start_process_server()  # now, so that its imports overlap the learner's setup below
+    # One intra-op thread, as the actors: the learner shares the cores with them and more threads only fight them
+    # (on 2 cores with 4 actors, 2 threads ran 4.6x slower on CartPole and 9x on Hopper), while its small
+    # minibatches gain nothing from them. So the speed no longer depends on OMP_NUM_THREADS or the core count.
+    torch.set_num_threads(1)
 
     if args.track:
         import wandb
@@ -600,172 +702,30 @@ if __name__ == "__main__":
 
     agent = Agent(observation_space, action_space).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-
-    # rollout storage (the learner's copy of a batch: the rollouts side by side along the env axis)
-    T, N, n = args.num_steps, args.rollouts_per_batch * args.num_envs_per_actor, args.num_envs_per_actor
-    obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
-    obs = torch.zeros((T, N) + observation_space.shape, dtype=obs_dtype).to(device)
-    actions = torch.zeros((T, N), dtype=torch.long).to(device)
-    logprobs = torch.zeros((T, N)).to(device)  # behavior log-probs, log beta(a|s)
-    rewards = torch.zeros((T, N)).to(device)
-    dones = torch.zeros((T, N)).to(device)  # dones[t]: the episode ended at step t
-    values = torch.zeros((T, N)).to(device)  # behavior critic at rollout time
-    next_obs = torch.zeros((N,) + observation_space.shape, dtype=obs_dtype).to(device)  # obs after the last step
-    next_values = torch.zeros(N).to(device)  # behavior critic's value of next_obs
-
-    # start
-    global_step = 0
-    start_time = time.time()
-    recent_returns = deque(maxlen=20)
-    lag_counts = Counter()
-    model_path = f"runs/{run_name}/{args.exp_name}.pt"
+    # the learner's copy of a batch: its rollouts side by side along the env axis
+    batch = {key: buffer.to(device) for key, buffer in rollout_buffers(
+        args.num_steps, args.rollouts_per_batch * args.num_envs_per_actor, observation_space, action_space).items()}
     stop_requested = False
 
-    def request_stop(signum, frame):
-        """Ctrl-C or SIGTERM: finish the current iteration, then save and close the logs; a second Ctrl-C aborts."""
+    def request_stop(signum, frame):  # Ctrl-C, SIGTERM: end after this iteration, save; a second Ctrl-C aborts
         global stop_requested
         stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    actors = None
 
+    actors = ActorPool(args, agent, observation_space, action_space, run_name, writer)
     try:
-        actors = ActorPool(args, agent, observation_space, run_name, writer)
-        for iteration in range(1, args.num_iterations + 1):
-            if stop_requested:
-                print(f"interrupted at step {global_step}; closing the logs{' and saving the model' * args.save_model}")
-                break
-            if args.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-
-            # gather a batch; rollouts older than --max-policy-lag learner versions are dropped (the hard filter)
-            batch, dropped, wait_start = [], 0, time.time()
-            while len(batch) < args.rollouts_per_batch:
-                rollout = actors.next_rollout()
-                global_step += T * n
-                for episodic_return, episodic_length in rollout["episodes"]:
-                    recent_returns.append(episodic_return)
-                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-                if args.max_policy_lag is not None and actors.version - rollout["version"] > args.max_policy_lag:
-                    actors.free(rollout["slot"])
-                    dropped += 1
-                else:
-                    batch.append(rollout)
-            learner_wait = time.time() - wait_start
-            # copy the batch out of shared memory and hand the slots back at once: actors refill them meanwhile
-            for j, rollout in enumerate(batch):
-                slot, cols = actors.slots[rollout["slot"]], slice(j * n, (j + 1) * n)
-                for buffer, key in [(obs, "obs"), (actions, "actions"), (logprobs, "logprobs"),
-                                    (rewards, "rewards"), (dones, "dones"), (values, "values")]:
-                    buffer[:, cols] = slot[key]
-                next_obs[cols], next_values[cols] = slot["next_obs"], slot["next_values"]
-                actors.free(rollout["slot"])
-            lags = [actors.version - rollout["version"] for rollout in batch]
-            lag_counts.update(lags)
-
-            # ALIGN: once per batch, with the latest critic and the learner snapshot pi_T
-            with torch.no_grad():
-                flat_obs, flat_actions = obs.reshape((T * N,) + obs.shape[2:]), actions.flatten(0, 1)
-                _, learner_logprob, _, learner_value = agent.get_action_and_value(flat_obs, flat_actions)
-                log_rhos = learner_logprob.view(T, N) - logprobs
-                if args.realign:
-                    target_values = learner_value.view(T, N)
-                    advantages, returns = compute_vtrace(
-                        rewards, target_values, agent.get_value(next_obs), dones, log_rhos,
-                        args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
-                    )
-                else:  # naive asynchronous PPO: GAE over the values the behavior network produced
-                    target_values = values
-                    advantages, returns = compute_vtrace(
-                        rewards, values, next_values, dones, torch.zeros_like(log_rhos),
-                        args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
-                    )
-                rhos = log_rhos.exp()
-                align_stats = {
-                    "align/tv_behavior": 0.5 * (rhos - 1).abs().mean().item(),
-                    "align/rho_mean": rhos.mean().item(),
-                    "align/rho_clipped_frac": (rhos > args.rho_bar).float().mean().item(),
-                }
-
-            # flatten the batch
-            b_obs, b_actions, b_logprobs = flat_obs, flat_actions, logprobs.reshape(-1)
-            b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), target_values.reshape(-1)
-
-            # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
-            minibatch_stats = []
-            for epoch in range(args.update_epochs):
-                b_inds = torch.randperm(args.batch_size, device=device)
-                for start in range(0, args.batch_size, args.minibatch_size):
-                    mb_inds = b_inds[start : start + args.minibatch_size]
-                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
-                    mb_advantages = b_advantages[mb_inds]
-                    if args.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                    pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
-                                                    args.tv_delta, args.clip_coef)
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-                    entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-
-                    optimizer.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                    optimizer.step()
-
-                    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html, against the behavior policy
-                        logratio = newlogprob - b_logprobs[mb_inds]
-                        ratio = logratio.exp()
-                        minibatch_stats.append({
-                            "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
-                            "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": (-logratio).mean().item(),
-                            "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
-                            "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
-                            "losses/tv": pg_stats["tv"], "losses/filtered_frac": pg_stats["filtered_frac"],
-                            "losses/filter_gate_frac": pg_stats["gate"],
-                        })
-            actors.publish(agent)
-
-            # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
-            target_var = b_returns.var().item()
-            explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
-
-            # log the iteration
-            logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
-            logged.update(align_stats)
-            logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": np.mean(lags),
-                           "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                           "charts/SPS": int(global_step / (time.time() - start_time))})
-            logged.update({"charts/policy_lag_max": max(lags), "charts/dropped_rollouts": dropped,
-                           "charts/actor_restarts": actors.restarts, "perf/learner_wait_s": learner_wait,
-                           "perf/actor_wait_s": np.mean([rollout["actor_wait_s"] for rollout in batch])})
-            for key, value in logged.items():
-                writer.add_scalar(key, value, global_step)
-            if iteration % 10 == 0 or iteration == args.num_iterations:
-                recent = f"{np.mean(recent_returns):8.2f}" if recent_returns else "     n/a"
-                print(f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
-                      f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f} | "
-                      f"lag {logged['charts/policy_lag']:.2f} | waits learner {learner_wait:.3f}s "
-                      f"actor {logged['perf/actor_wait_s']:.3f}s", flush=True)
-    finally:  # also on errors: no actor outlives the learner
-        if actors is not None:
-            actors.close()
-        writer.flush()
+        lag_counts = train(args, agent, optimizer, actors, batch, writer)
+    finally:  # also on errors: no actor outlives the learner, the logs are written
+        actors.close()
+        writer.close()
     print(f"policy lag of the trained rollouts (versions: count): {dict(sorted(lag_counts.items()))}")
 
     if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
         torch.save({"model": agent.state_dict(), "args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
-        if args.eval_episodes > 0 and not stop_requested:
-            episodic_returns = evaluate(model_path, args, run_name, device)
-            for idx, episodic_return in enumerate(episodic_returns):
-                writer.add_scalar("eval/episodic_return", episodic_return, idx)
-            print(f"eval: mean return {np.mean(episodic_returns):.2f} over {len(episodic_returns)} greedy episodes")
-
-    writer.close()
     if stop_requested:
-        sys.exit(130)
+        raise SystemExit(130)

@@ -1,4 +1,7 @@
-"""vaco_async_mp.py: its arguments, and the asynchronous system run as a user runs it (subprocesses)."""
+"""vaco_async_mp.py: its flags, the policy its actors act with, and the asynchronous system run as a user runs it."""
+import copy
+import inspect
+import math
 import os
 import signal
 import subprocess
@@ -12,67 +15,135 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import SPEC_KEYS
+import tyro
+from conftest import ROOT, SPEC_KEYS, read_scalars
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "vaco_async_mp.py"
 sys.path.insert(0, str(ROOT))
 import vaco_async_mp  # noqa: E402
 
 # a small fast-learning CartPole configuration shared by the runs below
-SMALL = ["--num-steps", "64", "--learning-rate", "2.5e-3", "--eval-episodes", "0"]
+SMALL = ["--num-steps", "64", "--learning-rate", "2.5e-3"]
+ASYNC_KEYS = {"charts/policy_lag_max", "charts/behavior_version", "charts/dropped_rollouts", "charts/actor_restarts",
+              "charts/kl_coef", "perf/learner_wait_s", "perf/actor_wait_s"}
 
 
-# ---------------------------------------------------------------- arguments (spec functions: test_spec_functions.py)
+# ---------------------------------------------------------------- flags and spaces
 
 
 @pytest.mark.parametrize("flags,message", [
-    (dict(num_actors=0), "--num-actors"),
-    (dict(rollouts_per_batch=3, num_envs_per_actor=1, num_steps=10, num_minibatches=4), "does not split"),
-    (dict(max_policy_lag=-1), "--max-policy-lag must be >= 0"),
-    (dict(max_actor_restarts=-2), "--max-actor-restarts must be >= 0"),
-    (dict(wait_timeout=0.0), "--wait-timeout must be > 0"),
-    (dict(env_id="NoSuchEnv-v9"), "unknown --env-id"),
+    ("--gamma 1.5", "--gamma must be in [0, 1] (got 1.5)"),
+    ("--gae-lambda -0.1", "--gae-lambda must be in [0, 1] (got -0.1)"),
+    ("--learning-rate -1", "--learning-rate must be > 0 (got -1.0)"),
+    ("--max-grad-norm 0", "--max-grad-norm must be > 0 (got 0.0)"),
+    ("--ent-coef -0.01", "--ent-coef must be >= 0 (got -0.01)"),
+    ("--vf-coef -1", "--vf-coef must be >= 0 (got -1.0)"),
+    ("--tv-delta 0", "--tv-delta must be > 0 (got 0.0)"),
+    ("--rho-bar 0", "--rho-bar must be > 0 (got 0.0)"),
+    ("--c-bar 2", "--c-bar must be in (0, --rho-bar] = (0, 1.0], as V-trace requires (got 2.0)"),
+    ("--clip-coef 0", "--clip-coef must be > 0 (got 0.0)"),
+    ("--kl-coef -1", "--kl-coef must be >= 0 (got -1.0)"),
+    ("--kl-target -0.01", "--kl-target must be >= 0 (got -0.01)"),
+    ("--num-actors 0", "--num-actors must be >= 1 (got 0)"),
+    ("--num-envs-per-actor 0", "--num-envs-per-actor must be >= 1 (got 0)"),
+    ("--num-steps 0", "--num-steps must be >= 1 (got 0)"),
+    ("--rollouts-per-batch 0", "--rollouts-per-batch must be >= 1 (got 0)"),
+    ("--update-epochs 0", "--update-epochs must be >= 1 (got 0)"),
+    ("--num-minibatches 0", "--num-minibatches must be a divisor of the batch (512 samples"),
+    ("--num-minibatches 3", "--num-minibatches must be a divisor of the batch (512 samples"),
+    ("--total-timesteps 100", "--total-timesteps must be >= one batch (512 samples) (got 100)"),
+    ("--max-policy-lag -1", "--max-policy-lag must be >= 0 (or unset) (got -1)"),
+    ("--seed -1", "--seed must be in [0, 2**32) (got -1)"),
+    ("--max-actor-restarts -1", "--max-actor-restarts must be >= 0 (got -1)"),
+    ("--wait-timeout 0", "--wait-timeout must be > 0 seconds (got 0.0)"),
+    ("--env-id NoSuchEnv-v9", "--env-id NoSuchEnv-v9: Environment `NoSuchEnv` doesn't exist"),
+    ("--env-id FrozenLake-v1", "FrozenLake-v1 has Discrete(16) observations, Discrete(4) actions; vaco_async_mp.py "
+                               "takes vector (1-D Box) observations or Atari frames, Discrete or Box actions"),
+    ("--env-id Blackjack-v1", "Blackjack-v1 has Tuple(Discrete(32), Discrete(11), Discrete(2)) observations"),
 ])
-def test_bad_arguments_stop_with_a_clear_message(flags, message):
-    with pytest.raises(SystemExit, match=message):
-        vaco_async_mp.check_args(vaco_async_mp.Args(**flags))
+def test_a_bad_flag_stops_with_one_line_naming_it(flags, message):
+    with pytest.raises(SystemExit) as stop:
+        vaco_async_mp.check_args(tyro.cli(vaco_async_mp.Args, args=flags.split()))
+    assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
+    assert message in str(stop.value)
 
 
-def test_the_cnn_is_chosen_by_the_observation_shape():
+@pytest.mark.parametrize("flags", ["--gamma 1.5", "--env-id Blackjack-v1"])
+def test_a_refused_run_leaves_no_traceback_and_no_runs_folder(run, tmp_path, flags):
+    proc = run("vaco_async_mp.py", *flags.split())
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_network_is_chosen_by_the_spaces():
     frames = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     agent = vaco_async_mp.Agent(frames, gym.spaces.Discrete(6))
-    assert agent.images
     action, logprob, entropy, value = agent.get_action_and_value(torch.zeros((3, 4, 84, 84), dtype=torch.uint8))
-    assert action.shape == logprob.shape == entropy.shape == value.shape == (3,)
-    assert not vaco_async_mp.Agent(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2)).images
+    assert agent.images and action.shape == logprob.shape == entropy.shape == value.shape == (3,)
+    gaussian = vaco_async_mp.Agent(gym.spaces.Box(-np.inf, np.inf, (11,)), gym.spaces.Box(-1, 1, (3,)))
+    action, logprob, entropy, value = gaussian.get_action_and_value(torch.zeros((5, 11)))
+    assert action.shape == (5, 3) and logprob.shape == entropy.shape == value.shape == (5,)
+    assert {"obs_mean", "obs_var"} <= {name for name, p in gaussian.named_parameters() if not p.requires_grad}
+
+
+# ---------------------------------------------------------------- the normalization protocol, with a real actor
+
+
+def test_an_actor_acts_with_the_statistics_published_with_its_weights():
+    """Rollouts carry the version of the weights they were collected with, observation statistics included: their
+    behavior log-probs are those of that version on the raw observations, not those of the learner's newer ones."""
+    args = vaco_async_mp.Args(env_id="Hopper-v5", num_actors=1, num_envs_per_actor=2, num_steps=16,
+                              rollouts_per_batch=1, wait_timeout=60)
+    observation_space, action_space = vaco_async_mp.check_args(args)
+    learner = vaco_async_mp.Agent(observation_space, action_space)
+    with torch.no_grad():  # a policy whose mean action depends visibly on the observations (init scale: 0.01)
+        learner.actor[-1].weight.mul_(100)
+    version_0 = copy.deepcopy(learner)  # identity statistics: mean 0, variance 1
+    pool = vaco_async_mp.ActorPool(args, learner, observation_space, action_space, "test", writer=None)
+    rollouts = {}
+    try:
+        while 1 not in rollouts:
+            rollout = pool.next_rollout()
+            rollouts.setdefault(rollout["version"], {k: v.clone() for k, v in pool.slots[rollout["slot"]].items()})
+            pool.free(rollout["slot"])
+            if pool.version == 0:  # version 1: the same weights, statistics from the first rollout's raw observations
+                with torch.no_grad():
+                    learner.obs_mean.copy_(rollouts[0]["obs"].mean((0, 1)))
+                    learner.obs_var.copy_(rollouts[0]["obs"].var((0, 1)))
+                pool.publish(learner)
+    finally:
+        pool.close()
+
+    def logprobs(policy, slot):
+        with torch.no_grad():
+            return policy.get_action_and_value(slot["obs"][:-1], slot["actions"])[1]
+
+    old, new = rollouts[0], rollouts[1]
+    assert torch.allclose(logprobs(version_0, old), old["logprobs"], atol=1e-5)
+    assert (logprobs(learner, old) - old["logprobs"]).abs().mean() > 0.1  # the learner's current statistics differ
+    assert torch.allclose(logprobs(learner, new), new["logprobs"], atol=1e-5)
+    assert (logprobs(version_0, new) - new["logprobs"]).abs().mean() > 0.1
+    assert ((0.7 < new["obs"][..., 0]) & (new["obs"][..., 0] < 2.0)).all()  # raw: Hopper's height, not normalized
 
 
 # ---------------------------------------------------------------- helpers for the runs
 
 
-def child_env(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path))
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
-def run(tmp_path, *flags, timeout=120):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=tmp_path, env=child_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
-class Running:
-    """The script in the background, its stdout and stderr collected line by line."""
+class Background:
+    """The script in the background (its own process group, as a shell job), its output collected line by line."""
 
     def __init__(self, tmp_path, *flags):
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *flags], cwd=tmp_path, env=child_env(tmp_path),
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "vaco_async_mp.py"), *flags], cwd=tmp_path, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)  # its own process group, as a shell job has
+                                     start_new_session=True)
         self.lines = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")))
+        self.reader = threading.Thread(target=self.read)
         self.reader.start()
+
+    def read(self):
+        self.lines.extend(iter(self.proc.stdout.readline, ""))
 
     def wait_for(self, predicate, timeout=60):
         deadline = time.time() + timeout
@@ -101,10 +172,9 @@ def descendants(pid):
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
     found, frontier = set(), {pid}
     while frontier:
         frontier = {p for p, pp in parent.items() if pp in frontier} - found
@@ -116,10 +186,9 @@ def is_running(pid):
     """True if pid exists and is not a zombie (an exited child that nobody reaped yet)."""
     try:
         os.kill(pid, 0)
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (ProcessLookupError, FileNotFoundError):
         return False
-    return state != "Z"
 
 
 def assert_all_gone(pids, within=5.0):
@@ -129,58 +198,77 @@ def assert_all_gone(pids, within=5.0):
     assert not [p for p in pids if is_running(p)], "processes left behind"
 
 
-def scalars(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (event_file,) = (tmp_path / "runs").rglob("events.out.tfevents.*")  # ALE/Pong-v5 runs nest one level deeper
-    run_dir = event_file.parent
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {key: [e.value for e in acc.Scalars(key)] for key in acc.Tags()["scalars"]}
-
-
 def actor_pids(lines):
     return [int(line.rsplit("pid ", 1)[1].rstrip(")\n")) for line in lines if " started (pid " in line]
 
 
+def values(logged, key):
+    return [value for _, value in logged[key]]
+
+
 # ---------------------------------------------------------------- runs
 
-DOCUMENTED_KEYS = sorted(SPEC_KEYS | {"charts/policy_lag_max", "charts/dropped_rollouts", "charts/actor_restarts",
-                                      "perf/learner_wait_s", "perf/actor_wait_s"})
 
-
-def test_two_actors_learn_cartpole_log_every_key_and_leave_no_process(tmp_path):
-    run_ = Running(tmp_path, "--num-actors", "2", "--total-timesteps", "25600", "--seed", "1", *SMALL)
+@pytest.mark.slow
+def test_two_actors_learn_cartpole_with_a_bounded_lag_and_leave_no_process(tmp_path):
+    run_ = Background(tmp_path, "--num-actors", "2", "--total-timesteps", "25600", "--seed", "1", *SMALL)
     pids = set(actor_pids(run_.wait_for(lambda line: " started (pid " in line)))
     pids |= descendants(run_.proc.pid)  # the actors, the process server that forks them, the resource tracker
     code, output = run_.finish(timeout=120)
     assert code == 0, output
     assert_all_gone(pids | {run_.proc.pid})
-    logged = scalars(tmp_path)
-    assert not [key for key in DOCUMENTED_KEYS if key not in logged], f"keys missing; logged: {sorted(logged)}"
-    returns = logged["charts/episodic_return"]
+    logged = read_scalars(tmp_path / "runs")
+    assert not (SPEC_KEYS | ASYNC_KEYS) - set(logged), f"keys missing; logged: {sorted(logged)}"
+    returns = values(logged, "charts/episodic_return")
     best_mean_20 = max(np.mean(returns[i - 20 : i]) for i in range(20, len(returns) + 1))
     assert best_mean_20 >= 195, f"CartPole did not reach a mean return of 195 over 20 episodes: {best_mean_20:.1f}"
-    assert max(logged["charts/policy_lag"]) <= max(logged["charts/policy_lag_max"])
-    assert logged["charts/actor_restarts"][-1] == 0
+    # Each actor fills its spare slot while the learner trains, so rollouts are a version old or more; a rollout
+    # waits behind at most the other slots, num_actors x slots per actor = 4, i.e. 2 batches, so the lag stays near
+    # that depth. Actors that never loaded new weights would make it grow with every iteration.
+    queue_depth = 2 * (math.ceil(2 / 2) + 1) / 2
+    mean_lag = np.mean(values(logged, "charts/policy_lag"))
+    assert 0.5 < mean_lag <= queue_depth + 1, f"mean lag {mean_lag}"
+    assert values(logged, "charts/actor_restarts")[-1] == 0
 
 
-def test_lag_is_real_and_the_hard_filter_drops_old_rollouts(tmp_path):
-    """Four actors on two cores with tiny rollouts queue up faster than the learner trains: lag > 0 is measured."""
-    proc = run(tmp_path, "--num-actors", "4", "--num-envs-per-actor", "1", "--num-steps", "16",
-               "--rollouts-per-batch", "2", "--num-minibatches", "2", "--max-policy-lag", "1",
-               "--total-timesteps", "1600", "--eval-episodes", "0")
+@pytest.mark.slow
+def test_hopper_with_the_kl_penalty_logs_returns_lag_and_the_statistics_version(run, tmp_path):
+    proc = run("vaco_async_mp.py", "--env-id", "Hopper-v5", "--num-actors", "2", "--num-envs-per-actor", "1",
+               "--num-steps", "128", "--total-timesteps", "4096", "--ent-coef", "0", "--learning-rate", "3e-4",
+               "--policy-loss", "ppo-kl", "--kl-target", "0.001")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    logged = scalars(tmp_path)
-    assert max(logged["charts/policy_lag"]) > 0
-    assert max(logged["charts/policy_lag_max"]) == 1  # never above --max-policy-lag
-    assert sum(logged["charts/dropped_rollouts"]) > 0
+    logged = read_scalars(tmp_path / "runs")
+    assert not (SPEC_KEYS | ASYNC_KEYS) - set(logged), f"keys missing; logged: {sorted(logged)}"
+    assert len(logged["charts/episodic_return"]) > 0
+    lags, versions = values(logged, "charts/policy_lag"), values(logged, "charts/behavior_version")
+    assert len(lags) == 4096 // 256
+    # the batch of iteration i is trained by learner version i - 1: the weights (and statistics) it was collected
+    # with are that many versions older than its lag says, and the actors do load newer ones
+    assert versions == pytest.approx([i - lag for i, lag in enumerate(lags)])
+    assert versions[-1] >= len(lags) - 4
+    kl_coefs = values(logged, "charts/kl_coef")
+    assert kl_coefs[0] == pytest.approx(0.1)
+    assert {round(b / a, 6) for a, b in zip(kl_coefs, kl_coefs[1:])} <= {0.5, 1.0, 2.0}
+    assert len(set(kl_coefs)) > 1  # the adaptive rule moved it
+
+
+@pytest.mark.slow
+def test_lag_is_real_and_the_hard_filter_drops_old_rollouts(run, tmp_path):
+    """Four actors on two cores with tiny rollouts queue up faster than the learner trains: lag > 0 is measured."""
+    proc = run("vaco_async_mp.py", "--num-actors", "4", "--num-envs-per-actor", "1", "--num-steps", "16",
+               "--rollouts-per-batch", "2", "--num-minibatches", "2", "--max-policy-lag", "1",
+               "--total-timesteps", "1600")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logged = read_scalars(tmp_path / "runs")
+    assert max(values(logged, "charts/policy_lag")) > 0
+    assert max(values(logged, "charts/policy_lag_max")) == 1  # never above --max-policy-lag
+    assert sum(values(logged, "charts/dropped_rollouts")) > 0
     assert len(logged["charts/policy_lag"]) == 1600 // 32
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_run_is_restarted_and_training_finishes(tmp_path):
-    run_ = Running(tmp_path, "--num-actors", "2", "--total-timesteps", "6400", "--num-steps", "32",
-                   "--eval-episodes", "0")
+    run_ = Background(tmp_path, "--num-actors", "2", "--total-timesteps", "6400", "--num-steps", "32")
     victim = actor_pids(run_.wait_for(lambda line: "actor 1 started" in line))[0]
     run_.wait_for(lambda line: line.startswith("step"))  # training is under way
     os.kill(victim, signal.SIGKILL)
@@ -189,8 +277,8 @@ def test_an_actor_killed_mid_run_is_restarted_and_training_finishes(tmp_path):
     assert code == 0, output
     assert f"actor 1 (pid {victim}) failed: killed by signal SIGKILL" in output
     assert len(actor_pids(output.splitlines())) == 3  # two at the start, one restart
-    logged = scalars(tmp_path)
-    assert logged["charts/actor_restarts"][-1] == 1
+    logged = read_scalars(tmp_path / "runs")
+    assert values(logged, "charts/actor_restarts")[-1] == 1
     assert len(logged["charts/policy_lag"]) == 6400 // 128  # every iteration ran
 
 
@@ -212,11 +300,12 @@ gym.register("BrokenCartPole-v0", entry_point=BrokenCartPole, max_episode_steps=
 '''
 
 
-def test_past_the_restart_limit_the_run_stops_with_the_actor_error(tmp_path):
+@pytest.mark.slow
+def test_past_the_restart_limit_the_run_stops_with_the_actor_error(run, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(CRASHING_ENV))
     start = time.time()
-    proc = run(tmp_path, "--env-id", "BrokenCartPole-v0", "--max-actor-restarts", "2",
-               "--total-timesteps", "5120", "--eval-episodes", "0", timeout=90)
+    proc = run("vaco_async_mp.py", "--env-id", "BrokenCartPole-v0", "--max-actor-restarts", "2",
+               "--total-timesteps", "5120", timeout=90, env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode != 0
     assert "RuntimeError: the test env broke on purpose" in proc.stderr  # the actor's traceback, in the learner
     assert "stopping after 3 actor failures (--max-actor-restarts 2 exhausted)" in proc.stderr
@@ -224,10 +313,11 @@ def test_past_the_restart_limit_the_run_stops_with_the_actor_error(tmp_path):
     assert time.time() - start < 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_group):
     """Ctrl-C in a terminal signals the whole process group; `kill` or a scheduler signals the learner only."""
-    run_ = Running(tmp_path, "--num-actors", "2", "--total-timesteps", "10000000", "--save-model", *SMALL)
+    run_ = Background(tmp_path, "--num-actors", "2", "--total-timesteps", "10000000", "--save-model", *SMALL)
     run_.wait_for(lambda line: line.startswith("step"))
     pids = descendants(run_.proc.pid)
     assert len(pids) >= 3  # two actors and the process server at least
@@ -249,11 +339,25 @@ def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_grou
     assert agent.get_value(torch.zeros(1, 4)).shape == (1,)
 
 
-def test_atari_runs_with_the_cnn(tmp_path):
+@pytest.mark.slow
+def test_atari_runs_with_the_preprocessing_of_vaco_atari(run, tmp_path):
     pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
-    proc = run(tmp_path, "--env-id", "ALE/Pong-v5", "--num-actors", "1", "--num-envs-per-actor", "1",
+    import vaco_atari
+
+    def wrappers(env):  # the emulator's settings, then each wrapper with its settings (not the reward's lambda)
+        spec = env.spec
+        return spec.kwargs, [(w.name, {k: v for k, v in (w.kwargs or {}).items() if k != "func"})
+                             for w in spec.additional_wrappers]
+
+    # the same emulator settings, the same wrappers with the same settings in the same order, our own wrappers the
+    # same text: a score means the same in both scripts
+    assert wrappers(vaco_async_mp.make_env("ALE/Breakout-v5", 0, False, "")()) == \
+        wrappers(vaco_atari.make_env("ALE/Breakout-v5", 0, False, "")())
+    for name in ["EpisodicLife", "FireReset"]:
+        assert inspect.getsource(getattr(vaco_async_mp, name)) == inspect.getsource(getattr(vaco_atari, name))
+    proc = run("vaco_async_mp.py", "--env-id", "ALE/Breakout-v5", "--num-actors", "1", "--num-envs-per-actor", "1",
                "--num-steps", "16", "--rollouts-per-batch", "2", "--num-minibatches", "2", "--update-epochs", "1",
-               "--total-timesteps", "64", "--eval-episodes", "0")
+               "--total-timesteps", "64")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    logged = scalars(tmp_path)
+    logged = read_scalars(tmp_path / "runs")
     assert len(logged["charts/policy_lag"]) == 2 and len(logged["losses/tv"]) == 2
