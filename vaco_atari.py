@@ -2,16 +2,16 @@
 # Paper: "Align and Filter: Improving Performance in Asynchronous On-Policy RL", arXiv 2603.01365.
 # ALIGN re-estimates advantages of the learner's policy from lagged data with V-trace, once per batch;
 # FILTER drops, per minibatch, the samples that would push the policy further out of a TV trust region.
+import importlib.util
 import os
 import random
 import signal
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-import ale_py
+import ale_py  # importing it registers the ALE/...-v5 and ...NoFrameskip-v4 ids; the ROMs ship with it
 import gymnasium as gym
 import numpy as np
 import torch
@@ -19,8 +19,6 @@ import torch.nn as nn
 import torch.optim as optim
 from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
-
-gym.register_envs(ale_py)  # the ALE/...-v5 and ...NoFrameskip-v4 ids; the game ROMs ship with ale-py
 
 # Argument checks of torch.distributions cost time on every step; our inputs are well-formed.
 torch.distributions.Distribution.set_default_validate_args(False)
@@ -37,7 +35,7 @@ class Args:
     cuda: bool = True
     """train on the GPU when one is available"""
     track: bool = False
-    """also log to Weights and Biases (imported only then)"""
+    """also log to Weights and Biases (needs wandb)"""
     wandb_project_name: str = "vaco"
     """Weights and Biases project"""
     wandb_entity: str | None = None
@@ -80,8 +78,8 @@ class Args:
     """the global gradient norm is clipped to this"""
 
     # VACO
-    policy_loss: Literal["vaco", "ppo", "spo"] = "vaco"
-    """the policy loss: `vaco` (TV filter), or the `ppo` (clipped) and `spo` baselines"""
+    policy_loss: Literal["vaco", "ppo", "spo", "ppo-kl"] = "vaco"
+    """the policy loss: `vaco` (TV filter), or the baselines `ppo` (clipped), `spo` and `ppo-kl` (KL penalty)"""
     tv_delta: float = 0.2
     """FILTER: trust-region bound on the sampled L1 distance mean|pi/beta - 1| (= 2 TV) of a minibatch"""
     realign: bool = True
@@ -92,90 +90,16 @@ class Args:
     """V-trace truncation of the trace coefficient c"""
     clip_coef: float = 0.1
     """the surrogate clipping coefficient of `ppo`, and the penalty scale of `spo`"""
+    kl_coef: float = 0.1
+    """`ppo-kl`: weight of the KL penalty (its starting value with --kl-target)"""
+    kl_target: float = 0.0
+    """`ppo-kl`: > 0 adapts --kl-coef once per iteration, x2 if the mean KL > 1.5 target, /2 if < target / 1.5"""
     policy_lag: int = 0
     """simulated lag K: the rollout of iteration T is collected with the parameters of iteration T - K"""
 
-    # derived from the flags above
-    batch_size: int = 0
-    """samples per batch (set at start-up)"""
-    minibatch_size: int = 0
-    """samples per minibatch (set at start-up)"""
-    num_iterations: int = 0
-    """learner iterations of the run (set at start-up)"""
-
-
-def check_args(args):
-    """Stop with a one-line message, before any training, on input the run cannot use."""
-    problems = [
-        (args.tv_delta <= 0, f"--tv-delta must be > 0 (got {args.tv_delta}); the paper uses 0.2"),
-        (min(args.rho_bar, args.c_bar) <= 0, f"--rho-bar and --c-bar must be > 0 (got {args.rho_bar}, {args.c_bar})"),
-        (args.rho_bar < args.c_bar,
-         f"--rho-bar ({args.rho_bar}) must be >= --c-bar ({args.c_bar}), as V-trace requires"),
-        (args.policy_lag < 0, f"--policy-lag must be >= 0 (got {args.policy_lag})"),
-        (min(args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) < 1,
-         "--num-envs, --num-steps, --num-minibatches and --update-epochs must be >= 1"),
-        (args.num_envs * args.num_steps % max(args.num_minibatches, 1) != 0,
-         f"the batch of --num-envs x --num-steps = {args.num_envs * args.num_steps} samples does not split into "
-         f"--num-minibatches {args.num_minibatches} equal minibatches; pick a divisor"),
-        (args.total_timesteps < args.num_envs * args.num_steps,
-         f"--total-timesteps {args.total_timesteps} is less than one batch ({args.num_envs * args.num_steps} steps)"),
-        (args.policy_loss != "vaco" and args.clip_coef <= 0, f"--clip-coef must be > 0 (got {args.clip_coef})"),
-    ]
-    for failed, message in problems:
-        if failed:
-            raise SystemExit(f"error: {message}")
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (gymnasium's RecordVideo writes the files with it)
-        except ImportError:
-            raise SystemExit("error: --capture-video needs moviepy: pip install moviepy")
-    try:
-        spec = gym.spec(args.env_id)
-    except gym.error.Error:
-        raise SystemExit(f"error: unknown --env-id {args.env_id!r}; try BreakoutNoFrameskip-v4 or ALE/Pong-v5")
-    if spec.entry_point != "ale_py.env:AtariEnv":
-        raise SystemExit(f"error: --env-id {args.env_id!r} is not an Atari game; vaco_atari.py takes ids such as "
-                         "BreakoutNoFrameskip-v4 or ALE/Pong-v5 (vector observations: use vaco_classic.py)")
-
-
-class NoopReset(gym.Wrapper):
-    """Start every game with 1 to noop_max no-op actions, so that the agent sees varied initial states."""
-
-    def __init__(self, env, noop_max=30):
-        super().__init__(env)
-        self.noop_max = noop_max
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        for _ in range(self.np_random.integers(1, self.noop_max + 1)):
-            obs, _, terminated, truncated, info = self.env.step(0)
-            if terminated or truncated:
-                obs, info = self.env.reset()
-        return obs, info
-
-
-class MaxAndSkip(gym.Wrapper):
-    """Repeat each action for `skip` frames and sum their rewards. The observation is the pixel-wise max of the
-    last two frames, because some games draw their sprites only every other frame."""
-
-    def __init__(self, env, skip=4):
-        super().__init__(env)
-        self.skip = skip
-
-    def step(self, action):
-        total_reward, frames = 0.0, deque(maxlen=2)
-        for _ in range(self.skip):
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            frames.append(obs)
-            total_reward += reward
-            if terminated or truncated:
-                break
-        return np.maximum(frames[0], frames[-1]), total_reward, terminated, truncated, info
-
 
 class EpisodicLife(gym.Wrapper):
-    """A life loss ends the training episode (terminated), but the game is reset only on a real game over:
-    after a life loss, reset() takes one no-op step and the same game goes on."""
+    """A life loss ends the training episode, not the game: reset() then takes one no-op step and the game goes on."""
 
     def __init__(self, env):
         super().__init__(env)
@@ -201,8 +125,7 @@ class EpisodicLife(gym.Wrapper):
 
 
 class FireReset(gym.Wrapper):
-    """Press FIRE, then action 2, after every reset, for the games that wait for it (Breakout's ball is launched
-    with FIRE); under EpisodicLife this happens after each life loss too."""
+    """After every reset (under EpisodicLife, every life loss too) press FIRE, then action 2: Breakout waits for it."""
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -215,21 +138,17 @@ class FireReset(gym.Wrapper):
 
 def make_env(env_id, idx, capture_video, run_name):
     def thunk():
-        # the id's own frame skipping is turned off, MaxAndSkip does it; sticky actions of ALE/...-v5 ids stay on
-        ale_kwargs = dict(frameskip=1, obs_type="grayscale")
+        env = gym.make(env_id, render_mode="rgb_array" if capture_video and idx == 0 else None, frameskip=1,
+                       obs_type="grayscale")  # AtariPreprocessing skips the frames; ALE/...-v5's sticky actions stay on
         if capture_video and idx == 0:
-            env = gym.make(env_id, render_mode="rgb_array", **ale_kwargs)
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
-        else:
-            env = gym.make(env_id, **ale_kwargs)
         env = gym.wrappers.RecordEpisodeStatistics(env)  # under all of the preprocessing: the score of a whole game
-        env = NoopReset(env, noop_max=30)
-        env = MaxAndSkip(env, skip=4)
+        # 1 to 30 no-ops on reset, 4 frames per action (max of the last two), 84x84 grayscale; lives: EpisodicLife
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
         env = EpisodicLife(env)
         if env.unwrapped.get_action_meanings()[1] == "FIRE":  # FIRE is action 1 in every game that has it
             env = FireReset(env)
         env = gym.wrappers.TransformReward(env, lambda reward: float(np.sign(reward)))
-        env = gym.wrappers.ResizeObservation(env, (84, 84))
         env = gym.wrappers.FrameStackObservation(env, stack_size=4)
         return env
 
@@ -244,109 +163,136 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class Agent(nn.Module):
-    """Nature CNN trunk shared by the actor and the critic heads."""
-
     def __init__(self, observation_space, action_space):
         super().__init__()
-        self.network = nn.Sequential(
-            layer_init(nn.Conv2d(observation_space.shape[0], 32, 8, stride=4)),
-            nn.ReLU(),
-            layer_init(nn.Conv2d(32, 64, 4, stride=2)),
-            nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=1)),
-            nn.ReLU(),
-            nn.Flatten(),
-            layer_init(nn.Linear(64 * 7 * 7, 512)),
-            nn.ReLU(),
-        )
+        self.network = nn.Sequential(  # the Nature CNN, the trunk of both heads; frames are uint8, scaled to [0, 1]
+            layer_init(nn.Conv2d(observation_space.shape[0], 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
+            layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU())
         self.actor = layer_init(nn.Linear(512, int(action_space.n)), std=0.01)
         self.critic = layer_init(nn.Linear(512, 1), std=1.0)
 
-    def features(self, x):
-        return self.network(x / 255.0)  # frames are stored as uint8 in [0, 255]
-
     def get_value(self, x):
-        return self.critic(self.features(x)).squeeze(-1)
+        return self.critic(self.network(x / 255.0)).squeeze(-1)
 
     def get_dist(self, x):
-        return Categorical(logits=self.actor(self.features(x)))
+        return Categorical(logits=self.actor(self.network(x / 255.0)))
 
     def get_action_and_value(self, x, action=None):
-        hidden = self.features(x)
+        hidden = self.network(x / 255.0)  # one pass of the trunk for both heads
         dist = Categorical(logits=self.actor(hidden))
         if action is None:
             action = dist.sample()
-        return action, dist.log_prob(action), dist.entropy(), self.critic(hidden).squeeze(-1)
+        logprob, entropy = dist.log_prob(action), dist.entropy()
+        return action, logprob, entropy, self.critic(hidden).squeeze(-1)
 
 
 def compute_vtrace(rewards, values, bootstrap_value, dones, log_rhos, gamma, gae_lambda, rho_bar, c_bar):
-    """ALIGN (spec section 2): V-trace advantages and value targets of the learner's policy from lagged data.
+    """ALIGN (README: "The algorithm"): V-trace advantages and value targets of the learner's policy from lagged data.
 
     Tensors are [T, N]; bootstrap_value [N] is V of the observation after the last step; dones[t] = the episode
     ended at step t; log_rhos = log pi_T(a|s) - log beta(a|s). With log_rhos = 0 this is GAE(lambda).
     """
-    rhos = torch.exp(log_rhos)
-    clipped_rhos = torch.clamp(rhos, max=rho_bar)
-    cs = gae_lambda * torch.clamp(rhos, max=c_bar)
+    clipped_rhos = torch.clamp(log_rhos.exp(), max=rho_bar)
+    cs = gae_lambda * torch.clamp(log_rhos.exp(), max=c_bar)
     not_dones = 1.0 - dones
     next_values = torch.cat([values[1:], bootstrap_value.unsqueeze(0)], dim=0)
     deltas = rewards + gamma * not_dones * next_values - values
-    advantages = torch.empty_like(values)
-    vs_minus_v = torch.empty_like(values)
-    acc = torch.zeros_like(bootstrap_value)  # acc[t + 1], zero past the last step
+    advantages, vs_minus_v = torch.empty_like(values), torch.empty_like(values)  # vs_minus_v[t] = v_t - V(s_t)
+    next_vs_minus_v = torch.zeros_like(bootstrap_value)  # v_{t+1} - V(s_{t+1}), zero past the last step
     for t in reversed(range(values.shape[0])):
-        advantages[t] = deltas[t] + gamma * gae_lambda * not_dones[t] * acc
-        acc = clipped_rhos[t] * deltas[t] + gamma * not_dones[t] * cs[t] * acc
-        vs_minus_v[t] = acc
+        advantages[t] = deltas[t] + gamma * gae_lambda * not_dones[t] * next_vs_minus_v
+        vs_minus_v[t] = clipped_rhos[t] * deltas[t] + gamma * not_dones[t] * cs[t] * next_vs_minus_v
+        next_vs_minus_v = vs_minus_v[t]
     return advantages, values + vs_minus_v
 
 
-def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef):
-    """FILTER (spec section 3) and the baselines (section 4) on one minibatch; the ratio is always pi_theta / beta.
+def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef, kl_coef):
+    """FILTER and the baseline losses (README: "The algorithm") on one minibatch; the ratio is always pi_theta / beta.
 
     Returns (pg_loss, stats) with stats 'tv' = 0.5 mean|r - 1|, 'filtered_frac' (share of samples the filter
     dropped) and 'gate' (1.0 if mean|r - 1| > tv_delta).
     """
-    ratio = torch.exp(newlogprob - behavior_logprob)
+    logratio = newlogprob - behavior_logprob
+    ratio = torch.exp(logratio)
     with torch.no_grad():
         l1 = (ratio - 1).abs().mean()
         gate = l1 > tv_delta
+    keep = torch.ones_like(ratio, dtype=torch.bool)  # only the vaco filter drops samples
     if kind == "vaco":
         # outside the trust region keep only the samples whose gradient step does not increase |r - 1|
-        keep = torch.logical_or(~gate, advantages * (ratio.detach() - 1) <= 0)
+        keep = ~gate | (advantages * (ratio.detach() - 1) <= 0)
         loss = -(keep * advantages * ratio).mean()  # dropped samples still count in the denominator
-        filtered_frac = 1.0 - keep.float().mean().item()
     elif kind == "ppo":
-        clipped_ratio = torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
-        loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()
-        filtered_frac = 0.0
+        loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
     elif kind == "spo":
         loss = -(advantages * ratio - advantages.abs() / (2 * clip_coef) * (ratio - 1) ** 2).mean()
-        filtered_frac = 0.0
+    elif kind == "ppo-kl":
+        # (r - 1) - log r >= 0 has expectation KL(beta || pi_theta) under the behavior policy's samples
+        loss = -(advantages * ratio).mean() + kl_coef * ((ratio - 1) - logratio).mean()
     else:
-        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo' or 'spo'")
-    return loss, {"tv": 0.5 * l1.item(), "filtered_frac": filtered_frac, "gate": float(gate.item())}
+        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo', 'spo' or 'ppo-kl'")
+    return loss, {"tv": 0.5 * l1.item(), "filtered_frac": 1.0 - keep.float().mean().item(), "gate": float(gate.item())}
+
+
+def adapt_kl_coef(kl_coef, kl, kl_target):
+    """PPO's adaptive KL penalty, once per iteration: double the coefficient if the iteration's mean KL exceeded
+    1.5 kl_target, halve it if the KL stayed under kl_target / 1.5; kl_target = 0 keeps it fixed."""
+    if kl_target > 0 and kl > 1.5 * kl_target:
+        return kl_coef * 2
+    if kl_target > 0 and kl < kl_target / 1.5:
+        return kl_coef / 2
+    return kl_coef
 
 
 def evaluate(model_path, args, run_name, device):
     """Greedy games (argmax action) of the saved model; a game counts all of its lives."""
     checkpoint = torch.load(model_path, map_location=device)
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, 0, args.capture_video, f"{run_name}-eval")],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+    env = make_env(args.env_id, 0, args.capture_video, f"{run_name}-eval")()
+    agent = Agent(env.observation_space, env.action_space).to(device)
     agent.load_state_dict(checkpoint["model"])
-    obs, _ = envs.reset(seed=args.seed + 10_000)
+    obs, _ = env.reset(seed=args.seed + 10_000)
     episodic_returns = []
     while len(episodic_returns) < args.eval_episodes:
         with torch.no_grad():
-            action = agent.get_dist(torch.as_tensor(obs, dtype=torch.float32, device=device)).mode
-        obs, _, _, _, infos = envs.step(action.cpu().numpy())
-        if "final_info" in infos and "episode" in infos["final_info"]:
-            episodic_returns.append(float(infos["final_info"]["episode"]["r"][0]))
-    envs.close()
+            action = agent.get_dist(torch.as_tensor(obs[None], dtype=torch.float32, device=device)).mode[0]
+        obs, _, terminated, truncated, info = env.step(action.cpu().numpy())
+        if "episode" in info:
+            episodic_returns.append(float(info["episode"]["r"]))
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
     return episodic_returns
+
+
+def check_args(args):
+    """Stop with one line naming the flag, its value and its valid range, before anything is created."""
+    given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
+    batch = args.num_envs * args.num_steps
+    rules = [(f, given[f] >= 1, ">= 1") for f in ("num-envs", "num-steps", "update-epochs")]
+    rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
+    rules += [(f, given[f] > 0, "> 0") for f in "learning-rate max-grad-norm tv-delta rho-bar clip-coef".split()]
+    rules += [(f, given[f] >= 0, ">= 0") for f in "ent-coef vf-coef kl-coef kl-target policy-lag eval-episodes".split()]
+    rules += [
+        ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
+        ("total-timesteps", args.total_timesteps >= batch, f">= one batch of --num-envs x --num-steps = {batch}"),
+        ("num-minibatches", args.num_minibatches >= 1 and batch % args.num_minibatches == 0, f"a divisor of {batch}"),
+        ("c-bar", 0 < args.c_bar <= args.rho_bar, f"in (0, --rho-bar] = (0, {args.rho_bar}], as V-trace requires"),
+        ("capture-video", not args.capture_video or importlib.util.find_spec("moviepy"), "off without moviepy"),
+        ("track", not args.track or importlib.util.find_spec("wandb"), "off without wandb"),
+    ]
+    for flag, valid, valid_range in rules:
+        if not valid:
+            raise SystemExit(f"error: --{flag} must be {valid_range} (got {given[flag]})")
+    try:
+        env = gym.make(args.env_id)  # only to check its spaces
+    except gym.error.Error as e:  # an unknown id, or a package it needs is missing
+        raise SystemExit(f"error: --env-id {args.env_id}: {e}")
+    env.close()
+    if not isinstance(env.unwrapped, ale_py.AtariEnv):
+        raise SystemExit(f"error: --env-id {args.env_id} is not an Atari game; vaco_atari.py takes ids such as "
+                         "BreakoutNoFrameskip-v4 or ALE/Pong-v5 (vector observations: vaco_classic.py)")
 
 
 if __name__ == "__main__":
@@ -354,9 +300,9 @@ if __name__ == "__main__":
 
     args = tyro.cli(Args)
     check_args(args)
-    args.batch_size = int(args.num_envs * args.num_steps)
-    args.minibatch_size = int(args.batch_size // args.num_minibatches)
-    args.num_iterations = args.total_timesteps // args.batch_size
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # seeding
@@ -364,16 +310,14 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(1)  # a run is then the same on every machine (rounding depends on threads), and no slower
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup: same-step autoreset, so a step that ends an episode reports its final observation and statistics
-    try:
-        envs = gym.vector.SyncVectorEnv(
-            [make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)],
-            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-        )
-    except gym.error.DependencyNotInstalled as e:
-        raise SystemExit(f"error: {args.env_id} needs a package that is not installed: {e}")
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
 
     if args.track:
         import wandb
@@ -392,25 +336,19 @@ if __name__ == "__main__":
 
     # rollout storage, [T, N, ...]
     T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T, N) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)  # 4x less than float
-    actions = torch.zeros((T, N), dtype=torch.long).to(device)
-    logprobs = torch.zeros((T, N)).to(device)  # behavior log-probs, log beta(a|s)
-    rewards = torch.zeros((T, N)).to(device)
-    dones = torch.zeros((T, N)).to(device)  # dones[t]: the episode ended at step t
-    values = torch.zeros((T, N)).to(device)  # behavior critic at rollout time
+    obs = torch.zeros((T, N) + envs.single_observation_space.shape, dtype=torch.uint8, device=device)  # frames: 4x less
+    actions = torch.zeros((T, N), dtype=torch.long, device=device)
+    # behavior log-probs log beta(a|s), rewards, dones[t] (the episode ended at step t), behavior critic's values
+    logprobs, rewards, dones, values = (torch.zeros((T, N), device=device) for _ in range(4))
 
     # start
-    global_step = 0
-    start_time = time.time()
+    global_step, start_time = 0, time.time()
     next_obs, _ = envs.reset(seed=args.seed)
-    envs.action_space.seed(args.seed)
     next_obs = torch.as_tensor(next_obs, device=device)  # uint8 frames
     recent_returns = deque(maxlen=20)
-    model_path = f"runs/{run_name}/{args.exp_name}.pt"
     stop_requested = False
 
-    def request_stop(signum, frame):
-        """Ctrl-C or SIGTERM: finish the current iteration, then save and close the logs; a second Ctrl-C aborts."""
+    def request_stop(signum, frame):  # Ctrl-C, SIGTERM: end after this iteration, save; a second Ctrl-C aborts
         global stop_requested
         stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -418,16 +356,14 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(1, num_iterations + 1):
         if stop_requested:
-            print(f"interrupted at step {global_step}; closing the logs{' and saving the model' * args.save_model}")
+            print(f"interrupted at step {global_step}")
             break
         snapshots.append({k: v.detach().clone() for k, v in agent.state_dict().items()})
         behavior.load_state_dict(snapshots[0])
-        batch_lag = len(snapshots) - 1
         if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
         for step in range(0, args.num_steps):
             global_step += args.num_envs
@@ -449,54 +385,37 @@ if __name__ == "__main__":
                                                 device=device)
                     with torch.no_grad():
                         rewards[step, truncated] += args.gamma * behavior.get_value(final_obs)
-                episodes = infos["final_info"].get("_episode", np.zeros(N, dtype=bool))
-                for i in np.flatnonzero(episodes):
+                for i in np.flatnonzero(infos["final_info"].get("_episode", [])):
                     episodic_return = float(infos["final_info"]["episode"]["r"][i])
                     recent_returns.append(episodic_return)
                     writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                     writer.add_scalar("charts/episodic_length", infos["final_info"]["episode"]["l"][i], global_step)
 
-        # ALIGN: once per batch, with the latest critic and the learner snapshot pi_T
+        # ALIGN: once per batch, the advantages of the learner snapshot pi_T with the latest critic
         with torch.no_grad():
-            flat_obs, flat_actions = obs.reshape((T * N,) + obs.shape[2:]), actions.flatten(0, 1)
-            _, learner_logprob, _, learner_value = agent.get_action_and_value(flat_obs, flat_actions)
-            log_rhos = learner_logprob.view(T, N) - logprobs
-            if args.realign:
-                target_values = learner_value.view(T, N)
-                advantages, returns = compute_vtrace(
-                    rewards, target_values, agent.get_value(next_obs), dones, log_rhos,
-                    args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
-                )
-            else:  # naive asynchronous PPO: GAE over the values the behavior network produced
-                target_values = values
-                advantages, returns = compute_vtrace(
-                    rewards, values, behavior.get_value(next_obs), dones, torch.zeros_like(log_rhos),
-                    args.gamma, args.gae_lambda, args.rho_bar, args.c_bar,
-                )
-            rhos = log_rhos.exp()
-            align_stats = {
-                "align/tv_behavior": 0.5 * (rhos - 1).abs().mean().item(),
-                "align/rho_mean": rhos.mean().item(),
-                "align/rho_clipped_frac": (rhos > args.rho_bar).float().mean().item(),
-            }
-
-        # flatten the batch
-        b_obs, b_actions, b_logprobs = flat_obs, flat_actions, logprobs.reshape(-1)
-        b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), target_values.reshape(-1)
+            b_obs, b_actions, b_logprobs = obs.flatten(0, 1), actions.flatten(0, 1), logprobs.flatten()
+            _, b_learner_logprobs, _, b_learner_values = agent.get_action_and_value(b_obs, b_actions)
+            b_rhos = (b_learner_logprobs - b_logprobs).exp()  # pi_T / beta
+            # --no-realign: naive asynchronous PPO, GAE over the values of the behavior network (rho = 1)
+            critic, b_values = (agent, b_learner_values) if args.realign else (behavior, values.flatten())
+            log_rhos = (b_learner_logprobs - b_logprobs).view(T, N) if args.realign else torch.zeros_like(values)
+            advantages, returns = compute_vtrace(rewards, b_values.view(T, N), critic.get_value(next_obs), dones,
+                                                 log_rhos, args.gamma, args.gae_lambda, args.rho_bar, args.c_bar)
+            b_advantages, b_returns = advantages.flatten(), returns.flatten()
 
         # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
         minibatch_stats = []
         for epoch in range(args.update_epochs):
-            b_inds = torch.randperm(args.batch_size, device=device)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb_inds = b_inds[start : start + args.minibatch_size]
+            b_inds = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb_inds = b_inds[start : start + minibatch_size]
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
                 pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
-                                                args.tv_delta, args.clip_coef)
+                                                args.tv_delta, args.clip_coef, args.kl_coef)
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -514,29 +433,33 @@ if __name__ == "__main__":
                         "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": (-logratio).mean().item(),
                         "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
                         "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
-                        "losses/tv": pg_stats["tv"], "losses/filtered_frac": pg_stats["filtered_frac"],
-                        "losses/filter_gate_frac": pg_stats["gate"],
-                    })
+                        "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
+                        "losses/filtered_frac": pg_stats["filtered_frac"], "losses/filter_gate_frac": pg_stats["gate"]})
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
         target_var = b_returns.var().item()
         explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
 
-        # log the iteration
+        # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
-        logged.update(align_stats)
-        logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": batch_lag,
-                       "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                       "charts/SPS": int(global_step / (time.time() - start_time))})
+        logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": len(snapshots) - 1,
+                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/kl_coef": args.kl_coef,
+                       "charts/SPS": int(global_step / (time.time() - start_time)),
+                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
+                       "align/rho_mean": b_rhos.mean().item(),
+                       "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item()})
         for key, value in logged.items():
             writer.add_scalar(key, value, global_step)
-        if iteration % 10 == 0 or iteration == args.num_iterations:
+        args.kl_coef = adapt_kl_coef(args.kl_coef, logged["losses/approx_kl"], args.kl_target)
+        if iteration % 10 == 0 or iteration == num_iterations:
             recent = f"{np.mean(recent_returns):8.2f}" if recent_returns else "     n/a"
             print(f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
                   f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f}", flush=True)
 
     if args.save_model:
-        torch.save({"model": agent.state_dict(), "args": vars(args)}, model_path)
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        checkpoint = {"model": agent.state_dict(), "args": vars(args)}
+        torch.save(checkpoint, model_path)
         print(f"model saved to {model_path}")
         if args.eval_episodes > 0 and not stop_requested:
             episodic_returns = evaluate(model_path, args, run_name, device)
@@ -547,4 +470,4 @@ if __name__ == "__main__":
     envs.close()
     writer.close()
     if stop_requested:
-        sys.exit(130)
+        raise SystemExit(130)
