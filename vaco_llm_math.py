@@ -52,6 +52,8 @@ class Args:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute precision of sampling and of the learner's forward pass: bfloat16 is autocast over the fp32 weights
     (faster on big models, but pi_T / beta at lag 0 is then 1 only to ~1e-2, which the filter reads as lag)"""
+    compile_decode: bool = False
+    """on CUDA in float32: compile sampling's one-token decode step (CUDA graphs); not yet run on a GPU, so opt-in"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the learner's backward pass"""
     dataset: str = "openai/gsm8k"
@@ -109,12 +111,13 @@ class Args:
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, generator=None):
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, generator=None,
+           compile=False):
     """Sample completions, recording the log-prob of each sampled token under the sampling distribution (beta);
     generator=None decodes greedily. No host synchronization but one check every 16 tokens whether every row has
-    ended; in fp32 a static KV cache, and on CUDA the one-token decode step compiled (CUDA graphs). Returns completions,
-    their log-probs and the mask of valid tokens (up to and including the first end-of-sequence token), each
-    [B, max_new_tokens]."""
+    ended; in fp32 a static KV cache, and with compile=True on CUDA the one-token decode step compiled. Returns
+    completions, their log-probs and the mask of valid tokens (up to and including the first end-of-sequence
+    token), each [B, max_new_tokens]."""
     from transformers import DynamicCache, StaticCache
 
     batch, width = prompt_ids.shape
@@ -122,7 +125,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     static = not torch.is_autocast_enabled(prompt_ids.device.type)  # bf16 autocast: fp32 keys (rotated), bf16 values
     cache = StaticCache(model.config, width + max_new_tokens) if static else DynamicCache(config=model.config)
-    decode = model.get_compiled_call(None) if static and prompt_ids.device.type == "cuda" else model
+    decode = model.get_compiled_call(None) if compile and static and prompt_ids.device.type == "cuda" else model
     tokens = torch.full((batch, max_new_tokens), pad_id, device=prompt_ids.device)
     logprobs = torch.zeros(tokens.shape, device=prompt_ids.device)
     valid = torch.zeros_like(tokens, dtype=torch.bool)
@@ -284,8 +287,9 @@ def rollout(model, tokenizer, problems, args, eos_ids, generator=None):
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [question for question, _ in problems], eos_ids.device)
     with torch.autocast(eos_ids.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
         parts = [sample(model, ids, mask, args.max_new_tokens, args.temperature, eos_ids, tokenizer.pad_token_id,
-                        generator) for ids, mask in zip(prompt_ids.split(args.generation_batch_size),
-                                                        prompt_mask.split(args.generation_batch_size))]
+                        generator, args.compile_decode)
+                 for ids, mask in zip(prompt_ids.split(args.generation_batch_size),
+                                      prompt_mask.split(args.generation_batch_size))]
     completions, logprobs, valid = (torch.cat(part).cpu() for part in zip(*parts))
     texts = tokenizer.batch_decode(completions.masked_fill(~valid, tokenizer.pad_token_id), skip_special_tokens=True)
     scores = torch.tensor([reward_fn(text, gold) for text, (_, gold) in zip(texts, problems)])
@@ -496,11 +500,9 @@ if __name__ == "__main__":
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: could not load {args.model_name_or_path} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]})")
+        raise SystemExit(f"error: could not load {args.model_name_or_path}: {type(e).__name__}: {e}".splitlines()[0])
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos = model.generation_config.eos_token_id  # an id, a list of ids or None
     eos_ids = torch.tensor(sorted({tokenizer.eos_token_id, *np.atleast_1d(eos).tolist()} - {None}), device=device)
     for module in model.modules():  # the ratio pi_theta / beta must compare the same deterministic function
@@ -516,8 +518,7 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    flag_table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|flag|value|\n|-|-|\n{flag_table}")
+    writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
     # generation: a thread with its own fp32 copy of the weights samples up to K batches ahead, through a bounded queue
@@ -548,10 +549,10 @@ if __name__ == "__main__":
         if args.eval_samples > 0:
             batch = rollout(model.eval(), tokenizer, eval_problems, args, eos_ids)
             model.train()
-            writer.add_scalar("eval/accuracy", batch["reward"].mean().item(), step)
-            writer.add_scalar("eval/format_rate", batch["format"].mean().item(), step)
-            print(f"eval at step {step}: greedy accuracy {batch['reward'].mean():.3f} | format "
-                  f"{batch['format'].mean():.3f}", flush=True)
+            accuracy, format_rate = batch["reward"].mean().item(), batch["format"].mean().item()
+            writer.add_scalar("eval/accuracy", accuracy, step)
+            writer.add_scalar("eval/format_rate", format_rate, step)
+            print(f"eval at step {step}: greedy accuracy {accuracy:.3f} | format {format_rate:.3f}", flush=True)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
