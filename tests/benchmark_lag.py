@@ -1,5 +1,6 @@
-"""Opt-in benchmark (not part of the test suite): run vaco_classic.py over a grid of methods, policy lags, seeds and
-environments as subprocesses, read the results back from the TensorBoard event files and print markdown tables.
+"""Opt-in benchmark (not part of the test suite): run vaco_classic.py (or vaco_async_mp.py) over a grid of methods,
+policy lags, seeds and environments as subprocesses, read the results back from the TensorBoard event files and print
+markdown tables.
 
     python tests/benchmark_lag.py --env-ids CartPole-v1 --methods vaco ppo-noalign --lags 0 --seeds 1 2 3 4 5 6 7 8
 
@@ -8,13 +9,20 @@ environments as subprocesses, read the results back from the TensorBoard event f
 
     python tests/benchmark_lag.py --methods vaco --lags 0 4 --variants tv-delta=0.05 tv-delta=0.1 default tv-delta=0.4
 
-Runs go to --out (one folder per run, named after the env, method, variant flags, lag and seed). A run whose folder
-holds `summary.json` is finished and is not run again, so an interrupted benchmark resumes where it stopped.
-Per run it records:
-  final  mean episodic return over the last 10% of the steps
-  auc    area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
-         average return during training: it tells apart runs that all end at CartPole's cap of 500
-  sps    the last charts/SPS the run logged, and its wall time
+Real asynchronous lag: `--script vaco_async_mp.py --lags async` (the lag is measured, not set; --extra sets the
+number of actors, e.g. '--num-actors 4').
+
+Each finished run leaves a small summary, `{--summaries}/{run}.json` (committed under tests/results/summaries, so a
+study resumes from what is committed, on any machine); a run with a summary is not run again, and the tables are made
+from the summaries. Event files and stdout go to --out (one folder per run, named after the env, method, variant
+flags, lag and seed). Per run the summary records:
+  final     mean episodic return over the last 10% of the steps
+  auc       area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
+            average return during training: it tells apart runs that all end at CartPole's cap of 500
+  sps       the last charts/SPS the run logged; wall_s, its wall time
+  lag       the policy lag of its batches (charts/policy_lag): mean, max and the 10/50/90% quantiles of the
+            per-iteration mean (for --policy-lag K they are all K)
+  cmd       the exact command, from the repository's root
 With --results-dir it also writes a markdown table and a plot of the returns against the lag per environment
 (matplotlib is needed for the plot only, and imported only then).
 """
@@ -37,6 +45,8 @@ METHODS = {  # name -> extra flags of vaco_classic.py
     "spo-noalign": ["--policy-loss", "spo", "--no-realign"],
     "vaco-noalign": ["--no-realign"],  # FILTER only
     "ppo": ["--policy-loss", "ppo"],  # ALIGN only
+    "ppo-kl": ["--policy-loss", "ppo-kl", "--no-realign"],  # the paper's baseline: PPO with a KL penalty
+    "vaco-learner": ["--tv-anchor", "learner"],  # the ratio anchored at pi_T (vaco_classic.py only)
 }
 
 
@@ -57,10 +67,14 @@ def read_scalars(run_dir, key):
 def summarize(run_dir, total_steps):
     steps, returns = read_scalars(run_dir, "charts/episodic_return")
     _, sps = read_scalars(run_dir, "charts/SPS")
+    _, lags = read_scalars(run_dir, "charts/policy_lag")
+    _, lag_max = read_scalars(run_dir, "charts/policy_lag_max")
     last = steps >= 0.9 * total_steps
     auc = np.trapezoid(returns, steps) / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
+    lag = {"mean": float(lags.mean()), "max": float(max(lags.max(), lag_max.max(initial=0))),
+           "q10_50_90": [float(q) for q in np.quantile(lags, [0.1, 0.5, 0.9])]} if len(lags) else None
     return {"final": float(returns[last].mean()) if last.any() else float("nan"), "auc": float(auc),
-            "sps": float(sps[-1]) if len(sps) else float("nan"), "episodes": int(len(returns))}
+            "sps": float(sps[-1]) if len(sps) else float("nan"), "episodes": int(len(returns)), "lag": lag}
 
 
 def variant_flags(variant):
@@ -73,19 +87,30 @@ def variant_flags(variant):
     return [token for name, value in pairs for token in (f"--{name}", value)]
 
 
+def extra_name(extra):
+    """['--total-timesteps', '1000000', '--num-envs', '1'] -> 'total-timesteps=1000000,num-envs=1'."""
+    flags = " ".join(extra).replace(" --", ",--").split(",")
+    return ",".join(flag.lstrip("-").replace(" ", "=") for flag in flags)
+
+
 def run_name(method, variant):
     return method if variant == "default" else f"{method}+{variant}"
 
 
-def run_one(job, out, script, total_steps_of):
+def run_tag(env_id, method, variant, lag, seed):
+    return f"{env_id}__{run_name(method, variant)}__lag{lag}__s{seed}"
+
+
+def run_one(job, out, summaries, script, total_steps_of):
     env_id, method, variant, lag, seed, extra = job
-    tag = f"{env_id}__{run_name(method, variant)}__lag{lag}__s{seed}"
-    run_dir = out / tag
-    summary_file = run_dir / "summary.json"
+    tag = run_tag(env_id, method, variant, lag, seed)
+    summary_file = summaries / f"{tag}.json"
     if summary_file.exists():
         return tag, json.loads(summary_file.read_text())
+    run_dir = out / tag
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed), "--policy-lag", str(lag),
+    lag_flags = [] if lag == "async" else ["--policy-lag", str(lag)]
+    cmd = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed), *lag_flags,
            "--exp-name", tag, "--no-cuda", *METHODS[method], *variant_flags(variant), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.time()
@@ -95,8 +120,10 @@ def run_one(job, out, script, total_steps_of):
         print(f"FAILED {tag} (exit {result.returncode}); see {run_dir / 'stdout.txt'}", flush=True)
         return tag, None
     summary = summarize(run_dir, total_steps_of(env_id, extra))
-    summary.update(wall_s=round(time.time() - start, 1), cmd=" ".join(cmd[1:]))
-    summary_file.write_text(json.dumps(summary, indent=1))
+    command = shlex.join(["python", os.path.relpath(script, ROOT), *cmd[2:]])
+    summary.update(wall_s=round(time.time() - start, 1), cmd=command)
+    summaries.mkdir(parents=True, exist_ok=True)
+    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"done {tag}: final {summary['final']:.1f} auc {summary['auc']:.1f} sps {summary['sps']:.0f} "
           f"wall {summary['wall_s']:.0f}s", flush=True)
     return tag, summary
@@ -106,7 +133,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-ids", nargs="+", default=["CartPole-v1"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--lags", nargs="+", type=int, default=[0, 4, 16])
+    parser.add_argument("--lags", nargs="+", default=["0", "4", "16"],
+                        help="--policy-lag values of vaco_classic.py, or 'async' for vaco_async_mp.py's real lag")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=["default"],
                         help="sets of flags to run each method with: NAME=VALUE[,NAME=VALUE...] or 'default'")
@@ -115,6 +143,8 @@ def main():
                              "e.g. '--total-timesteps 1000000'")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark")
+    parser.add_argument("--summaries", type=Path, default=ROOT / "tests" / "results" / "summaries",
+                        help="one {run}.json per finished run: read to resume and to make the tables")
     parser.add_argument("--script", type=Path, default=ROOT / "vaco_classic.py")
     parser.add_argument("--per-seed", action="store_true", help="also print one row per seed")
     parser.add_argument("--results-dir", type=Path, default=None,
@@ -124,6 +154,11 @@ def main():
     args = parser.parse_args()
 
     extra = args.extra.split()
+    is_async = "async" in args.script.name
+    if any((lag == "async") != is_async or (lag != "async" and not lag.isdigit()) for lag in args.lags):
+        raise SystemExit(f"--lags: {args.script.name} takes " + ("only 'async' (its lag is measured, not set)"
+                         if is_async else "integers >= 0 (--policy-lag values)") + f"; got {' '.join(args.lags)}")
+    args.lags = [lag if is_async else int(lag) for lag in args.lags]
     for variant in args.variants:
         variant_flags(variant)  # fail on a malformed variant before any run starts
     names = [run_name(m, v) for m in args.methods for v in args.variants]
@@ -132,11 +167,12 @@ def main():
     def total_steps_of(env_id, flags):
         return int(flags[flags.index("--total-timesteps") + 1]) if "--total-timesteps" in flags else default_steps
 
+    summaries = args.summaries / extra_name(extra) if extra else args.summaries  # other flags, other results
     jobs = [(e, m, v, lag, s, extra) for e in args.env_ids for lag in args.lags for s in args.seeds
             for m in args.methods for v in args.variants]
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(pool.map(lambda job: run_one(job, args.out, args.script, total_steps_of), jobs))
+        results = dict(pool.map(lambda job: run_one(job, args.out, summaries, args.script, total_steps_of), jobs))
     print(f"\n{len(jobs)} runs, wall time of this invocation {time.time() - start:.0f}s\n")
 
     command = "python tests/benchmark_lag.py " + shlex.join(sys.argv[1:])
@@ -147,35 +183,47 @@ def main():
             args.results_dir.mkdir(parents=True, exist_ok=True)
             stem = args.results_name.format(env=env_id)
             (args.results_dir / f"{stem}.md").write_text(report)
-            if len(args.lags) > 1:  # a plot against the lag needs more than one lag
+            if len(args.lags) > 1 and not is_async:  # a plot against the lag needs more than one lag
                 plot_against_lag(results, env_id, names, args.lags, args.seeds,
                                  args.results_dir / f"{stem}_return_vs_lag.png")
 
 
 def seed_results(results, env_id, method, lag, seeds):
-    return [r for r in (results.get(f"{env_id}__{method}__lag{lag}__s{s}") for s in seeds) if r is not None]
+    return [r for r in (results.get(run_tag(env_id, method, "default", lag, s)) for s in seeds) if r is not None]
+
+
+def lag_text(r):
+    """'mean (max)' of the run's logged lag, with the 10/50/90% quantiles of its per-iteration mean when it varies."""
+    lag = r.get("lag")
+    if not lag:
+        return "–"
+    q10, q50, q90 = lag["q10_50_90"]
+    spread = f", q10/50/90 {q10:.1f}/{q50:.1f}/{q90:.1f}" if q10 != q90 else ""
+    return f"{lag['mean']:.2f} (max {lag['max']:.0f}{spread})"
 
 
 def markdown_report(results, env_id, methods, lags, seeds, per_seed, command):
     wall = sum(r["wall_s"] for m in methods for lag in lags for r in seed_results(results, env_id, m, lag, seeds))
     lines = [f"### {env_id}", "", f"`{command}` ({wall / 3600:.1f} h of run time, summed over the runs)", "",
-             "| method | lag | AUC | final return | SPS (median) | seeds |", "|-|-|-|-|-|-|"]
+             "| method | lag | AUC | final return | measured lag (mean) | SPS (median) | seeds |", "|-|-|-|-|-|-|-|"]
     for method in methods:
         for lag in lags:
             rows = seed_results(results, env_id, method, lag, seeds)
             if rows:
                 final, auc, sps = (np.array([r[k] for r in rows]) for k in ("final", "auc", "sps"))
+                mean_lag = [r["lag"]["mean"] for r in rows if r.get("lag")]
+                lag_mean = f"{np.mean(mean_lag):.2f}" if mean_lag else "–"
                 lines.append(f"| {method} | {lag} | {auc.mean():.1f} ± {auc.std():.1f} | {final.mean():.1f} ± "
-                             f"{final.std():.1f} | {np.median(sps):.0f} | {len(rows)} |")
+                             f"{final.std():.1f} | {lag_mean} | {np.median(sps):.0f} | {len(rows)} |")
     if per_seed:
-        lines += ["", "| method | lag | seed | AUC | final | SPS | wall s |", "|-|-|-|-|-|-|-|"]
+        lines += ["", "| method | lag | seed | AUC | final | measured lag | SPS | wall s |", "|-|-|-|-|-|-|-|-|"]
         for method in methods:
             for lag in lags:
                 for s in seeds:
-                    r = results.get(f"{env_id}__{method}__lag{lag}__s{s}")
+                    r = results.get(run_tag(env_id, method, "default", lag, s))
                     if r is not None:
-                        lines.append(f"| {method} | {lag} | {s} | {r['auc']:.1f} | {r['final']:.1f} | {r['sps']:.0f} "
-                                     f"| {r['wall_s']:.0f} |")
+                        lines.append(f"| {method} | {lag} | {s} | {r['auc']:.1f} | {r['final']:.1f} | {lag_text(r)} "
+                                     f"| {r['sps']:.0f} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
 """The opt-in lag benchmark's runner, on a tiny budget: run folders and flags, the summaries, the report, resuming."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,20 +15,24 @@ TINY = "--total-timesteps 2048 --num-steps 128"  # 4 iterations of 4 envs x 128 
 
 def benchmark(tmp_path, *args):
     cmd = [sys.executable, str(ROOT / "tests" / "benchmark_lag.py"), "--out", str(tmp_path / "runs"), "--jobs", "2",
-           "--env-ids", "CartPole-v1", "--lags", "0", "--seeds", "1", *args]
+           "--summaries", str(tmp_path / "summaries"), "--env-ids", "CartPole-v1", "--seeds", "1", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
-    args = ["--methods", "vaco", "ppo-noalign", "--variants", "default", "tv-delta=0.4,rho-bar=2",
+    args = ["--methods", "vaco", "ppo-noalign", "--lags", "0", "--variants", "default", "tv-delta=0.4,rho-bar=2",
             "--extra", TINY, "--results-dir", str(tmp_path / "results"), "--results-name", "{env}_sweep"]
     first = benchmark(tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     names = ["vaco", "vaco+tv-delta=0.4,rho-bar=2", "ppo-noalign", "ppo-noalign+tv-delta=0.4,rho-bar=2"]
+    summaries = tmp_path / "summaries" / "total-timesteps=2048,num-steps=128"  # named after --extra
+    assert sorted(p.name for p in summaries.iterdir()) == sorted(f"CartPole-v1__{n}__lag0__s1.json" for n in names)
     for name in names:
         run_dir = tmp_path / "runs" / f"CartPole-v1__{name}__lag0__s1"
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((summaries / f"CartPole-v1__{name}__lag0__s1.json").read_text())
+        assert summary["cmd"].startswith("python vaco_classic.py --env-id CartPole-v1 --seed 1 --policy-lag 0 ")
+        assert summary["lag"] == {"mean": 0.0, "max": 0.0, "q10_50_90": [0.0, 0.0, 0.0]}
         assert ("--tv-delta 0.4 --rho-bar 2" in summary["cmd"]) == ("+" in name)
         assert ("--policy-loss ppo --no-realign" in summary["cmd"]) == name.startswith("ppo")
         # the summary against the event file: final = mean return of the episodes in the last 10% of the steps
@@ -40,12 +45,27 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
         assert f"| {name} | 0 |" in report
     assert "done" in first.stdout
 
-    again = benchmark(tmp_path, *args)  # resumes: every run is finished, nothing runs again
+    # resuming reads the summaries alone: without the run folders nothing runs again, and the report shows what the
+    # summary files say (one is edited here to tell its number apart)
+    shutil.rmtree(tmp_path / "runs")
+    edited = summaries / "CartPole-v1__vaco__lag0__s1.json"
+    edited.write_text(json.dumps(dict(json.loads(edited.read_text()), auc=123.4)))
+    again = benchmark(tmp_path, *args)
     assert again.returncode == 0 and "done" not in again.stdout, again.stdout + again.stderr
     assert again.stdout.count("| 1 |") == len(names)
+    assert "| vaco | 0 | 123.4 ± 0.0 |" in again.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_lag_must_fit_the_script(tmp_path):
+    wrong = benchmark(tmp_path, "--methods", "vaco", "--lags", "async")
+    assert wrong.returncode != 0 and "integers" in wrong.stderr
+    wrong = benchmark(tmp_path, "--methods", "vaco", "--lags", "0", "--script", str(ROOT / "vaco_async_mp.py"))
+    assert wrong.returncode != 0 and "only 'async'" in wrong.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_malformed_variant_fails_before_any_run(tmp_path):
-    result = benchmark(tmp_path, "--methods", "vaco", "--variants", "tv-delta")
+    result = benchmark(tmp_path, "--methods", "vaco", "--lags", "0", "--variants", "tv-delta")
     assert result.returncode != 0 and "NAME=VALUE" in result.stderr
     assert not (tmp_path / "runs").exists()
