@@ -45,7 +45,7 @@ class Args:
     save_model: bool = False
     """whether to save the final model to `runs/{run_name}`"""
     eval_episodes: int = 10
-    """with --save-model: games (all lives) of greedy evaluation of the saved model after training (0 to skip)"""
+    """with --save-model: greedy episodes of the saved model, as charts/episodic_return counts them (0 to skip)"""
 
     # rollouts and optimization
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -94,6 +94,8 @@ class Args:
     """`ppo-kl`: weight of the KL penalty (its starting value with --kl-target)"""
     kl_target: float = 0.0
     """`ppo-kl`: > 0 adapts --kl-coef once per iteration, x2 if the mean KL > 1.5 target, /2 if < target / 1.5"""
+    tv_anchor: Literal["behavior", "learner"] = "behavior"
+    """the loss's ratio: pi_theta / beta, or (`learner`) pi_theta / pi_T with advantages x min(rho_bar, pi_T / beta)"""
     policy_lag: int = 0
     """simulated lag K: the rollout of iteration T is collected with the parameters of iteration T - K"""
 
@@ -247,7 +249,7 @@ def adapt_kl_coef(kl_coef, kl, kl_target):
 
 
 def evaluate(model_path, args, run_name, device):
-    """Greedy games (argmax action) of the saved model; a game counts all of its lives."""
+    """The returns of --eval-episodes greedy episodes (the mode of the action distribution) of the saved model."""
     checkpoint = torch.load(model_path, map_location=device)
     env = make_env(args.env_id, 0, args.capture_video, f"{run_name}-eval")()
     agent = Agent(env.observation_space, env.action_space).to(device)
@@ -334,19 +336,19 @@ if __name__ == "__main__":
     behavior = Agent(envs.single_observation_space, envs.single_action_space).to(device)
     snapshots = deque(maxlen=args.policy_lag + 1)
 
-    # rollout storage, [T, N, ...]
-    T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T, N) + envs.single_observation_space.shape, dtype=torch.uint8, device=device)  # frames: 4x less
-    actions = torch.zeros((T, N), dtype=torch.long, device=device)
-    # behavior log-probs log beta(a|s), rewards, dones[t] (the episode ended at step t), behavior critic's values
-    logprobs, rewards, dones, values = (torch.zeros((T, N), device=device) for _ in range(4))
-
     # start
     global_step, start_time = 0, time.time()
     next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs, device=device)  # uint8 frames
+    next_obs = torch.as_tensor(next_obs, device=device)  # the dtype the environments give, kept by the storage
     recent_returns = deque(maxlen=20)
     stop_requested = False
+
+    # rollout storage, [T, N, ...]; actions as floats, Discrete ones too (Categorical.log_prob casts them to long)
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N) + envs.single_observation_space.shape, dtype=next_obs.dtype, device=device)
+    actions = torch.zeros((T, N) + envs.single_action_space.shape, device=device)
+    # behavior log-probs log beta(a|s), rewards, dones[t] (the episode ended at step t), behavior critic's values
+    logprobs, rewards, dones, values = (torch.zeros((T, N), device=device) for _ in range(4))
 
     def request_stop(signum, frame):  # Ctrl-C, SIGTERM: end after this iteration, save; a second Ctrl-C aborts
         global stop_requested
@@ -376,7 +378,7 @@ if __name__ == "__main__":
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             dones[step] = torch.as_tensor(terminations | truncations, dtype=torch.float32, device=device)
-            next_obs = torch.as_tensor(next_obs, device=device)  # uint8 frames
+            next_obs = torch.as_tensor(next_obs, device=device)
             if "final_obs" in infos:
                 # time-limit truncation is not a real terminal: bootstrap the reward with the rollout critic
                 truncated = np.flatnonzero(truncations & ~terminations)
@@ -413,8 +415,11 @@ if __name__ == "__main__":
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                anchor_logprobs = (b_learner_logprobs if args.tv_anchor == "learner" else b_logprobs)[mb_inds]
+                if args.tv_anchor == "learner":  # the ratio is against pi_T: a truncated pi_T / beta corrects for beta
+                    mb_advantages = mb_advantages * torch.clamp(b_rhos[mb_inds], max=args.rho_bar)
 
-                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
+                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, anchor_logprobs, mb_advantages,
                                                 args.tv_delta, args.clip_coef, args.kl_coef)
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()

@@ -44,7 +44,7 @@ class Args:
     save_model: bool = False
     """whether to save the final model to `runs/{run_name}`"""
     eval_episodes: int = 10
-    """with --save-model: episodes of greedy evaluation of the saved model after training (0 to skip)"""
+    """with --save-model: greedy episodes of the saved model, as charts/episodic_return counts them (0 to skip)"""
 
     # rollouts and optimization
     env_id: str = "CartPole-v1"
@@ -111,7 +111,7 @@ def make_env(env_id, idx, capture_video, run_name, gamma):
             env = gym.wrappers.TransformObservation(env, lambda obs: np.clip(obs, -10, 10), env.observation_space)
             env = gym.wrappers.NormalizeReward(env, gamma=gamma)
             env = gym.wrappers.TransformReward(env, lambda reward: np.clip(reward, -10, 10))
-        return env
+        return gym.wrappers.DtypeObservation(env, np.float32)  # float32 like the network, whatever the task gives
 
     return thunk
 
@@ -214,7 +214,7 @@ def adapt_kl_coef(kl_coef, kl, kl_target):
 
 
 def evaluate(model_path, args, run_name, device):
-    """Greedy episodes (argmax or mean action) of the saved model, with the observation statistics it trained with."""
+    """The returns of --eval-episodes greedy episodes (the mode of the action distribution) of the saved model."""
     checkpoint = torch.load(model_path, map_location=device)
     env = make_env(args.env_id, 0, args.capture_video, f"{run_name}-eval", args.gamma)()
     agent = Agent(env.observation_space, env.action_space).to(device)
@@ -308,20 +308,19 @@ if __name__ == "__main__":
     behavior = Agent(envs.single_observation_space, envs.single_action_space).to(device)
     snapshots = deque(maxlen=args.policy_lag + 1)
 
-    # rollout storage, [T, N, ...]
-    T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T, N) + envs.single_observation_space.shape, device=device)
-    action_dtype = torch.float32 if agent.continuous else torch.long
-    actions = torch.zeros((T, N) + envs.single_action_space.shape, dtype=action_dtype, device=device)
-    # behavior log-probs log beta(a|s), rewards, dones[t] (the episode ended at step t), behavior critic's values
-    logprobs, rewards, dones, values = (torch.zeros((T, N), device=device) for _ in range(4))
-
     # start
     global_step, start_time = 0, time.time()
     next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+    next_obs = torch.as_tensor(next_obs, device=device)  # the dtype the environments give, kept by the storage
     recent_returns = deque(maxlen=20)
     stop_requested = False
+
+    # rollout storage, [T, N, ...]; actions as floats, Discrete ones too (Categorical.log_prob casts them to long)
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N) + envs.single_observation_space.shape, dtype=next_obs.dtype, device=device)
+    actions = torch.zeros((T, N) + envs.single_action_space.shape, device=device)
+    # behavior log-probs log beta(a|s), rewards, dones[t] (the episode ended at step t), behavior critic's values
+    logprobs, rewards, dones, values = (torch.zeros((T, N), device=device) for _ in range(4))
 
     def request_stop(signum, frame):  # Ctrl-C, SIGTERM: end after this iteration, save; a second Ctrl-C aborts
         global stop_requested
@@ -351,7 +350,7 @@ if __name__ == "__main__":
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             dones[step] = torch.as_tensor(terminations | truncations, dtype=torch.float32, device=device)
-            next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(next_obs, device=device)
             if "final_obs" in infos:
                 # time-limit truncation is not a real terminal: bootstrap the reward with the rollout critic
                 truncated = np.flatnonzero(truncations & ~terminations)

@@ -212,6 +212,25 @@ def test_ppo_kl_coefficient_follows_the_adaptive_rule(runs):
     assert values(scalars, "losses/filtered_frac").max() == 0, "only the vaco loss filters samples"
 
 
+@pytest.mark.slow
+def test_learner_anchor_differs_from_the_default_once_there_is_lag(tmp_path):
+    """--tv-anchor learner takes the ratio against pi_T and weights the advantages by min(rho_bar, pi_T / beta). The
+    first iteration has no lag yet (pi_T = beta up to rounding, ~1e-10); from the second the policy losses differ (by
+    1% to 175% at seed 1), where rounding alone would leave them equal to ~1e-6."""
+    args = ["--seed", 1, "--total-timesteps", 512, "--num-envs", 1, "--num-steps", 128, "--policy-lag", 2]
+    for anchor in ("behavior", "learner"):
+        (tmp_path / anchor).mkdir()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda anchor: run_script(SCRIPT, *args, "--tv-anchor", anchor, cwd=tmp_path / anchor),
+                                ("behavior", "learner")))
+    assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
+    default, learner = (values(read_scalars(tmp_path / anchor / "runs"), "losses/policy_loss")
+                        for anchor in ("behavior", "learner"))
+    assert len(default) == len(learner) == 4
+    assert learner[0] == pytest.approx(default[0], rel=1e-5)
+    assert (np.abs(learner[1:] - default[1:]) > 1e-3 * np.abs(default[1:])).all(), (default, learner)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad flags: one line that names the flag, before anything starts
 
