@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from conftest import ROOT, read_scalars  # this folder is on the path when the script runs
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # name -> extra flags of vaco_classic.py
     "vaco": [],
     "ppo-noalign": ["--policy-loss", "ppo", "--no-realign"],  # naive asynchronous PPO
@@ -46,29 +46,21 @@ METHODS = {  # name -> extra flags of vaco_classic.py
     "vaco-noalign": ["--no-realign"],  # FILTER only
     "ppo": ["--policy-loss", "ppo"],  # ALIGN only
     "ppo-kl": ["--policy-loss", "ppo-kl", "--no-realign"],  # the paper's baseline: PPO with a KL penalty
-    "vaco-learner": ["--tv-anchor", "learner"],  # the ratio anchored at pi_T (vaco_classic.py only)
+    "vaco-learner": ["--tv-anchor", "learner"],  # the ratio anchored at pi_T (vaco_classic.py and vaco_atari.py)
 }
 
 
-def read_scalars(run_dir, key):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = list(Path(run_dir).rglob("events.out.tfevents.*"))
-    if not events:
-        return np.zeros(0), np.zeros(0)
-    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
-    acc.Reload()
-    if key not in acc.Tags()["scalars"]:
-        return np.zeros(0), np.zeros(0)
-    points = acc.Scalars(key)
-    return np.array([p.step for p in points]), np.array([p.value for p in points])
-
-
 def summarize(run_dir, total_steps):
-    steps, returns = read_scalars(run_dir, "charts/episodic_return")
-    _, sps = read_scalars(run_dir, "charts/SPS")
-    _, lags = read_scalars(run_dir, "charts/policy_lag")
-    _, lag_max = read_scalars(run_dir, "charts/policy_lag_max")
+    scalars = read_scalars(run_dir)  # {tag: [(step, value), ...]}
+
+    def series(key):
+        points = np.array(scalars.get(key, []), dtype=float).reshape(-1, 2)
+        return points[:, 0], points[:, 1]
+
+    steps, returns = series("charts/episodic_return")
+    _, sps = series("charts/SPS")
+    _, lags = series("charts/policy_lag")
+    _, lag_max = series("charts/policy_lag_max")
     last = steps >= 0.9 * total_steps
     auc = np.trapezoid(returns, steps) / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
     lag = {"mean": float(lags.mean()), "max": float(max(lags.max(), lag_max.max(initial=0))),
