@@ -312,7 +312,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(1)  # a run is then the same on every machine (rounding depends on threads), and no slower
+    torch.set_num_threads(1)  # rounding, so a seed's run, depends on the thread count; more threads are no faster here
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup: same-step autoreset, so a step that ends an episode reports its final observation and statistics
