@@ -14,7 +14,8 @@ number of actors, e.g. '--num-actors 4').
 
 Each finished run leaves a small summary, `{--summaries}/{run}.json` (committed under tests/results/summaries, so a
 study resumes from what is committed, on any machine); a run with a summary is not run again, and the tables are made
-from the summaries. Event files and stdout go to --out (one folder per run, named after the env, method, variant
+from the summaries. --report-only runs nothing: it makes the tables of a grid from the summaries there are and lists
+the runs still missing. Event files and stdout go to --out (one folder per run, named after the env, method, variant
 flags, lag and seed). Per run the summary records:
   final     mean episodic return over the last 10% of the steps
   auc       area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
@@ -93,12 +94,14 @@ def run_tag(env_id, method, variant, lag, seed):
     return f"{env_id}__{run_name(method, variant)}__lag{lag}__s{seed}"
 
 
-def run_one(job, out, summaries, script, total_steps_of):
+def run_one(job, out, summaries, script, total_steps_of, report_only=False):
     env_id, method, variant, lag, seed, extra = job
     tag = run_tag(env_id, method, variant, lag, seed)
     summary_file = summaries / f"{tag}.json"
     if summary_file.exists():
         return tag, json.loads(summary_file.read_text())
+    if report_only:
+        return tag, None
     run_dir = out / tag
     run_dir.mkdir(parents=True, exist_ok=True)
     lag_flags = [] if lag == "async" else ["--policy-lag", str(lag)]
@@ -139,6 +142,8 @@ def main():
                         help="one {run}.json per finished run: read to resume and to make the tables")
     parser.add_argument("--script", type=Path, default=ROOT / "vaco_classic.py")
     parser.add_argument("--per-seed", action="store_true", help="also print one row per seed")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the tables from the summaries there are, and the runs still missing")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="also write {name}.md and {name}_return_vs_lag.png there (e.g. tests/results)")
     parser.add_argument("--results-name", default="{env}",
@@ -164,12 +169,19 @@ def main():
             for m in args.methods for v in args.variants]
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(pool.map(lambda job: run_one(job, args.out, summaries, args.script, total_steps_of), jobs))
+        results = dict(pool.map(lambda job: run_one(job, args.out, summaries, args.script, total_steps_of,
+                                                    args.report_only), jobs))
     print(f"\n{len(jobs)} runs, wall time of this invocation {time.time() - start:.0f}s\n")
+    missing = [tag for tag, r in results.items() if r is None]
 
-    command = "python tests/benchmark_lag.py " + shlex.join(sys.argv[1:])
+    command = "python tests/benchmark_lag.py " + shlex.join(a for a in sys.argv[1:] if a != "--report-only")
     for env_id in args.env_ids:
         report = markdown_report(results, env_id, names, args.lags, args.seeds, args.per_seed, command)
+        env_missing = [tag for tag in missing if tag.startswith(f"{env_id}__")]
+        if env_missing:  # a grid spread over several sittings: say what the tables do not have yet
+            env_runs = sum(tag.startswith(f"{env_id}__") for tag in results)
+            report += (f"\nNo summary yet for {len(env_missing)} of the grid's {env_runs} runs: "
+                       + ", ".join(env_missing) + "\n")
         print(report)
         if args.results_dir is not None:
             args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,15 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
     assert "| vaco | 0 | 123.4 ± 0.0 |" in again.stdout
     assert not (tmp_path / "runs").exists()
 
+    # --report-only runs nothing: the tables hold what the summaries have and name the runs still missing
+    partial = benchmark(tmp_path, *args[:-4], "--seeds", "1", "2", "--report-only")
+    assert partial.returncode == 0 and "done" not in partial.stdout, partial.stdout + partial.stderr
+    assert "| vaco | 0 | 123.4 ± 0.0 |" in partial.stdout and "--report-only" not in partial.stdout
+    missing = ", ".join(f"CartPole-v1__{n}__lag0__s2" for n in ["vaco", "vaco+tv-delta=0.4,rho-bar=2", "ppo-noalign",
+                                                                "ppo-noalign+tv-delta=0.4,rho-bar=2"])
+    assert f"No summary yet for 4 of the grid's 8 runs: {missing}" in partial.stdout
+    assert not (tmp_path / "runs").exists()
+
 
 def test_the_lag_must_fit_the_script(tmp_path):
     wrong = benchmark(tmp_path, "--methods", "vaco", "--lags", "async")
