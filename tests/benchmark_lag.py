@@ -22,14 +22,17 @@ flags, lag and seed). Per run the summary records:
             average return during training: it tells apart runs that all end at CartPole's cap of 500
   sps       the last charts/SPS the run logged; wall_s, its wall time
   lag       the policy lag of its batches (charts/policy_lag): mean, max and the 10/50/90% quantiles of the
-            per-iteration mean (for --policy-lag K they are all K)
+            per-iteration mean (for --policy-lag K they are all K); for vaco_async_mp.py also how many of the
+            rollouts it trained on had each lag ('rollouts', from the line the script prints at the end)
   cmd       the exact command, from the repository's root
 With --results-dir it also writes a markdown table and a plot of the returns against the lag per environment
 (matplotlib is needed for the plot only, and imported only then).
 """
 import argparse
+import ast
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -115,6 +118,10 @@ def run_one(job, out, summaries, script, total_steps_of, report_only=False):
         print(f"FAILED {tag} (exit {result.returncode}); see {run_dir / 'stdout.txt'}", flush=True)
         return tag, None
     summary = summarize(run_dir, total_steps_of(env_id, extra))
+    stdout = (run_dir / "stdout.txt").read_text()
+    counts = re.search(r"policy lag of the trained rollouts \(versions: count\): (\{.*\})", stdout)
+    if counts and summary["lag"]:  # vaco_async_mp.py's lag distribution over the rollouts it trained on
+        summary["lag"]["rollouts"] = {str(k): v for k, v in ast.literal_eval(counts.group(1)).items()}
     command = shlex.join(["python", os.path.relpath(script, ROOT), *cmd[2:]])
     summary.update(wall_s=round(time.time() - start, 1), cmd=command)
     summaries.mkdir(parents=True, exist_ok=True)
@@ -203,7 +210,9 @@ def lag_text(r):
         return "–"
     q10, q50, q90 = lag["q10_50_90"]
     spread = f", q10/50/90 {q10:.1f}/{q50:.1f}/{q90:.1f}" if q10 != q90 else ""
-    return f"{lag['mean']:.2f} (max {lag['max']:.0f}{spread})"
+    rollouts = lag.get("rollouts")  # async runs: rollouts trained on per lag, e.g. "rollouts by lag 0: 4, 1: 65"
+    by_lag = ", rollouts by lag " + ", ".join(f"{k}: {v}" for k, v in rollouts.items()) if rollouts else ""
+    return f"{lag['mean']:.2f} (max {lag['max']:.0f}{spread}{by_lag})"
 
 
 def markdown_report(results, env_id, methods, lags, seeds, per_seed, command):

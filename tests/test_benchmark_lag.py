@@ -66,6 +66,23 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
+def test_real_lag_summary_holds_the_lag_of_every_trained_rollout(tmp_path):
+    """vaco_async_mp.py: the summary keeps the lag distribution the script prints, and the per-seed table shows it."""
+    result = benchmark(tmp_path, "--script", str(ROOT / "vaco_async_mp.py"), "--lags", "async", "--methods", "vaco",
+                       "--per-seed", "--extra", "--num-actors 2 --num-steps 64 --total-timesteps 2048")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary_file = tmp_path / "summaries" / "num-actors=2,num-steps=64,total-timesteps=2048" / \
+        "CartPole-v1__vaco__lagasync__s1.json"
+    lag = json.loads(summary_file.read_text())["lag"]
+    printed = (tmp_path / "runs" / "CartPole-v1__vaco__lagasync__s1" / "stdout.txt").read_text().splitlines()[-1]
+    assert printed == "policy lag of the trained rollouts (versions: count): " + str(
+        {int(k): v for k, v in lag["rollouts"].items()})
+    assert sum(lag["rollouts"].values()) == 2048 // (2 * 64)  # every rollout (2 envs per actor x 64 steps), once
+    assert max(int(k) for k in lag["rollouts"]) == lag["max"]
+    assert "rollouts by lag " + ", ".join(f"{k}: {v}" for k, v in lag["rollouts"].items()) in result.stdout
+
+
 def test_the_lag_must_fit_the_script(tmp_path):
     wrong = benchmark(tmp_path, "--methods", "vaco", "--lags", "async")
     assert wrong.returncode != 0 and "integers" in wrong.stderr
