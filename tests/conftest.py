@@ -1,12 +1,15 @@
 """Helpers shared by the test files: run a script as a user would, and read back what it logged."""
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the scripts import as modules: vaco_classic, vaco_atari, ...
 # README, "What is logged": what every script with a critic writes to TensorBoard
 SPEC_KEYS = {
     "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
@@ -32,6 +35,26 @@ def read_scalars(folder):
     accumulator = EventAccumulator(str(event_files[0].parent), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def values(scalars, key):
+    """The values logged under `key`, in step order, as an array."""
+    return np.array([value for _, value in scalars[key]])
+
+
+def flag_error(script, *flags):
+    """The message with which `script`'s check_args refuses `flags`, checked to be one line starting 'error: '.
+
+    In-process (no Python start-up per case); a few end-to-end cases per script check that the same line reaches
+    stderr before anything is created."""
+    import tyro
+
+    module = importlib.import_module(Path(script).stem)
+    with pytest.raises(SystemExit) as stop:
+        module.check_args(tyro.cli(module.Args, args=[str(flag) for flag in flags]))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
 
 
 @pytest.fixture
