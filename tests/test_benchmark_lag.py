@@ -11,6 +11,8 @@ import pytest
 from conftest import ROOT, read_scalars
 
 TINY = "--total-timesteps 2048 --num-steps 128"  # 4 iterations of 4 envs x 128 steps
+sys.path.insert(0, str(ROOT / "tests"))
+import benchmark_lag  # noqa: E402  (the runner as a module, for its summary and its table on hand-made data)
 
 
 def benchmark(tmp_path, *args):
@@ -53,13 +55,13 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
     again = benchmark(tmp_path, *args)
     assert again.returncode == 0 and "done" not in again.stdout, again.stdout + again.stderr
     assert again.stdout.count("| 1 |") == len(names)
-    assert "| vaco | 0 | 123.4 ± 0.0 |" in again.stdout
+    assert "| vaco | 0 | 123.4 | " in again.stdout
     assert not (tmp_path / "runs").exists()
 
     # --report-only runs nothing: the tables hold what the summaries have and name the runs still missing
     partial = benchmark(tmp_path, *args[:-4], "--seeds", "1", "2", "--report-only")
     assert partial.returncode == 0 and "done" not in partial.stdout, partial.stdout + partial.stderr
-    assert "| vaco | 0 | 123.4 ± 0.0 |" in partial.stdout and "--report-only" not in partial.stdout
+    assert "| vaco | 0 | 123.4 | " in partial.stdout and "--report-only" not in partial.stdout
     missing = ", ".join(f"CartPole-v1__{n}__lag0__s2" for n in ["vaco", "vaco+tv-delta=0.4,rho-bar=2", "ppo-noalign",
                                                                 "ppo-noalign+tv-delta=0.4,rho-bar=2"])
     assert f"No summary yet for 4 of the grid's 8 runs: {missing}" in partial.stdout
@@ -95,3 +97,34 @@ def test_malformed_variant_fails_before_any_run(tmp_path):
     result = benchmark(tmp_path, "--methods", "vaco", "--lags", "0", "--variants", "tv-delta")
     assert result.returncode != 0 and "NAME=VALUE" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_auc_is_the_trapezoid_over_unevenly_spaced_episodes_divided_by_their_span(tmp_path):
+    """The headline metric on a series worked out by hand. Episodes end at steps 0, 10, 40 and 100 with returns 100,
+    0, 0 and 40: trapezoids 10·50 + 30·0 + 60·20 = 1700 over the span of 100 steps, AUC 17.0. Each wrong average
+    gives another number: the unweighted mean of the points 35.0, of the segment midpoints 23.3, without the first
+    point 13.3, without the last 12.5, left or right sums 10.0 or 24.0, over --total-timesteps (200) instead of the
+    span 8.5. Final: the mean of the episodes in the last 10% of the steps, here the one at step 100."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step, episodic_return in [(0, 100.0), (10, 0.0), (40, 0.0), (100, 40.0)]:
+        writer.add_scalar("charts/episodic_return", episodic_return, step)
+    writer.close()
+    summary = benchmark_lag.summarize(tmp_path / "run", total_steps=100)
+    assert summary["auc"] == pytest.approx(17.0, abs=1e-9)
+    assert summary["final"] == 40.0 and summary["episodes"] == 4 and summary["lag"] is None
+    assert benchmark_lag.summarize(tmp_path / "run", total_steps=200)["auc"] == pytest.approx(17.0, abs=1e-9)
+
+
+def test_tables_show_mean_and_sample_std_and_say_so():
+    """± is the sample standard deviation (ddof = 1): AUC 10, 20, 60 has mean 30 and std 26.5 (ddof = 0 would be
+    21.6); the table says what ± is; a single seed shows its value without a spread."""
+    results = {benchmark_lag.run_tag("CartPole-v1", "vaco", "default", 0, s): dict(auc=a, final=a + 1, sps=100.0,
+                                                                                   wall_s=10.0, lag=None)
+               for s, a in [(1, 10.0), (2, 20.0), (3, 60.0)]}
+    report = benchmark_lag.markdown_report(results, "CartPole-v1", ["vaco"], [0], [1, 2, 3], False, "cmd")
+    assert "| vaco | 0 | 30.0 ± 26.5 | 31.0 ± 26.5 | – | 100 | 3 |" in report
+    assert "mean ± sample standard deviation (ddof = 1)" in report
+    one = benchmark_lag.markdown_report(results, "CartPole-v1", ["vaco"], [0], [3], False, "cmd")
+    assert "| vaco | 0 | 60.0 | 61.0 | – | 100 | 1 |" in one
