@@ -3,6 +3,66 @@
 # Paper: "Align and Filter: Improving Performance in Asynchronous On-Policy RL", arXiv 2603.01365.
 # ALIGN re-estimates advantages of the learner's policy from lagged data with V-trace, once per batch;
 # FILTER drops, per minibatch, the samples that would push the policy further out of a TV trust region.
+#
+# How the actors and the learner work together, and why normalization is part of the lag.
+#
+# The lag here is real: the learner (main process, CUDA if available) trains while --num-actors CPU actor processes
+# step their own vector envs with whatever weights they last loaded, so every rollout arrives some learner versions
+# old. The batch of iteration i is trained by learner version i - 1, so charts/behavior_version = i - 1 -
+# charts/policy_lag.
+#
+# Protocol (ActorPool on the learner's side, actor_main on the actor's):
+# - Weights: after every update the learner copies its parameters (with Box actions, the observation statistics too)
+#   into a shared buffer per actor and bumps that actor's version, under that actor's lock (ActorPool.publish). An
+#   actor reloads only when the version changed, so it never reads a half-written set.
+# - Rollouts travel through preallocated shared-memory slots (rollout_buffers), with raw observations and raw rewards;
+#   only slot ids and small messages cross the bounded per-actor pipes. Each rollout carries its weights version and
+#   its behavior log-probs. The learner copies each rollout out as it arrives and hands its slot back at once (the
+#   actor refills it meanwhile), assembles --rollouts-per-batch of them, runs ALIGN once with its current weights and
+#   statistics and FILTER in every minibatch (train), then publishes. Each actor has 2 slots: when the learner is the
+#   bottleneck, a rollout waits for the 2 batches ahead of it and arrives 2 versions old (perf/actor_wait_s grows);
+#   when the actors are, perf/learner_wait_s does.
+# - --max-policy-lag N drops rollouts older than N versions (charts/dropped_rollouts): the hard filter of other
+#   asynchronous systems, to compare with VACO's soft one.
+# - Faults: an actor that raises or dies is restarted, up to --max-actor-restarts. Its traceback appears on the run's
+#   stderr (the actor prints it as it exits with code 1), and the learner prints and logs (TensorBoard text
+#   actors/failures) which actor failed and how; past the limit the run stops with that message and exit code 1.
+#   Every wait has a timeout (--wait-timeout). Ctrl-C or SIGTERM: checkpoint (with --save-model), actors stopped,
+#   exit 130 within seconds, no process left behind. The start method is forkserver: forking a process that already
+#   ran torch can deadlock.
+# - Threads: the learner, like every actor, runs torch on one intra-op thread whatever OMP_NUM_THREADS says; on
+#   2 cores with 4 actors, 2 learner threads made CartPole 5 times slower (the threads fight the actors for the cores,
+#   and the small minibatches gain nothing from them; tests/results/README.md has the numbers).
+#
+# Normalization under lag (Box actions). Observations and rewards are normalized and clipped to [-10, 10] as
+# gymnasium's NormalizeObservation and NormalizeReward do in vaco_classic.py, but the statistics cannot live in each
+# env's wrappers there, because they are part of the behavior policy and the actors run stale ones. So:
+# 1. The learner owns the statistics: a running mean and variance of the observations, and a running variance of the
+#    discounted sums of the rewards (NormalizeReward's rule).
+# 2. Actors send raw observations and raw rewards (and the running discounted sums, which need each env's history).
+# 3. At each batch the learner updates the statistics from the batch's raw observations and reward sums, before
+#    anything else.
+# 4. It publishes them with the weights, in the same buffer and under the same version (obs_mean and obs_var are
+#    parameters of the model that no gradient reaches; the checkpoint holds them too).
+# 5. An actor normalizes with the statistics of the weights it holds: they are part of its behavior policy beta, and
+#    the behavior log-probs it records are those of its (stale) statistics on the raw observations.
+# 6. The learner evaluates pi_T and V on the batch's raw observations with its current statistics (those just updated,
+#    which the optimization then uses and the next version publishes), and scales the batch's raw rewards with its
+#    current reward statistics (clipped to [-10, 10]); a time-limit bootstrap, gamma * V(final obs), is added after the
+#    scaling, with the behavior critic's value as the actor computed it.
+# So a change of the statistics is part of the policy lag: even at lag 0, pi_T / beta differs from 1 by what the last
+# batch changed in the statistics, and ALIGN and FILTER see it like any other change of the policy. A test publishes
+# version 1 with new statistics and the same weights to a real actor and checks that each rollout's recorded
+# log-probs are those of the statistics of its own version, and that the slots hold raw observations.
+#
+# Spaces: vector (1-D Box) observations or Atari frames, Discrete or Box actions; anything else is refused with one
+# line that names it. Atari ids get exactly vaco_atari.py's preprocessing (the same emulator settings, the same
+# wrappers with the same settings in the same order, and EpisodicLife and FireReset the same text; a test checks all
+# three), so an Atari score means the same in both scripts; the Nature CNN; frames travel as uint8. With Box actions
+# the model is vaco_classic.py's: a Gaussian policy with a state-independent log std, actions clipped by the env.
+# --save-model saves runs/{run_name}/vaco_async_mp.pt (model: the Agent's state dict, observation statistics
+# included; args: the flags), also on Ctrl-C or SIGTERM. This script does not evaluate (no --eval-episodes).
+#
 import contextlib
 import importlib.util
 import math

@@ -26,6 +26,64 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.tensorboard import SummaryWriter
 
+# How this script works, beyond the algorithm (the README's vaco_llm_math.py section keeps the short version).
+#
+# Numerics. The model is always loaded in fp32: the learner's weights and AdamW's state are fp32 master copies (AdamW
+# steps of 1e-6..1e-5 round to zero on bf16 weights: on an H100, pure-bf16 weights did not learn at all, fp32 weights
+# learned --synthetic-ops + from 0.07 to 1.00 greedy accuracy in 20 steps). --dtype sets the compute precision of
+# sampling and of the learner's forward pass: float32 (default) or bfloat16, which is torch.autocast over the fp32
+# weights, on CUDA and CPU alike. --save-model writes the fp32 weights.
+# At lag 0, pi_T / beta is 1 only up to a numerical floor (sampling and the learner run different kernels and shapes),
+# and the filter reads that floor as lag, so it must stay far below delta. Mind the units: delta bounds the L1
+# quantity mean|r - 1| of a minibatch, while the logged losses/tv and align/tv_behavior are TV = 0.5 * mean|r - 1|.
+# Measured TV floors on SmolLM2-135M: 2-3e-6 in fp32 on an H100 (an L1 of 4-6e-6, at most 1.2e-4 of delta = 0.05),
+# 1.5e-2 under bf16 autocast (an L1 of 3e-2: 60% of delta, so the gate would fire on rounding alone). The script
+# reports its lag-0 floor in L1 units beside delta at step 1 and warns above delta / 10. Measurements:
+# tests/results/README.md ("LLM: the numerical floor at lag 0").
+#
+# Asynchrony. A generator thread (generator_thread) with its own fp32 copy of the weights samples the batches of
+# future steps through a queue of at most K batches (--policy-lag K, default 1) and loads each version the learner
+# publishes; the batch of step T is sampled with version T - 1 - K exactly, so charts/policy_lag is K after warm-up.
+# With K = 0 the thread waits for the newest weights: synchronous. perf/generate_s, perf/train_s and perf/wait_s show
+# how much generation the learner did not wait for.
+#
+# Sampling (sample) uses its own loop, not generate, so that beta is recorded exactly as sampled
+# (log_softmax(logits / temperature)) with the learner's positions; at lag 0, pi_T = beta up to rounding (tested).
+# In fp32 it decodes with a static KV cache, and with --compile-decode on CUDA the
+# one-token decode step is compiled (torch.compile, CUDA graphs; on CUDA prompts are left-padded to a multiple of 64
+# columns so that it sees few shapes; opt-in because it has not run on a GPU yet). Under bf16 autocast it uses a
+# dynamic cache, uncompiled (the rotary keys come out fp32 and the values bf16, which a static cache cannot hold).
+# There is no host synchronization per token: whether every row has ended is checked every 16 tokens. A test checks
+# that this sampler gives the same tokens and log-probs as a plain loop with a full forward pass per token.
+# perf/generate_tokens_per_s = generated tokens / perf/generate_s.
+#
+# Micro-batching and memory (minibatch_policy_gradient, head_logprobs). The gate needs pi_theta on the whole minibatch
+# first, so a no-grad pass computes the token log-probs and the loss's gradient with respect to them, then each
+# micro-batch backpropagates its share: the exact minibatch gradient in bounded memory (tested against the direct
+# one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 512 tokens at a time: the
+# vocabulary-wide logits exist, in fp32, for one chunk at a time, and with gradients each chunk is recomputed in the
+# backward pass instead of kept. Longer or larger micro-batches no longer multiply the memory; the vocabulary enters
+# through one chunk only (measured: 3.90 GB -> 0.60 GB for 8 sequences of 64 + 512 tokens with SmolLM2's vocabulary).
+#
+# Reward (reward_fn): 1 if the answer (the last \boxed{...}, nested braces allowed, else the last number) equals the
+# gold number after #### numerically (18.00 = 18, 1,000 = 1000). charts/format_rate is logged apart: since the reward
+# accepts the last number, a model can drop the box as it learns (on the H100 runs the format rate went 0.01 -> 0 and
+# answers shrank to ~14 tokens while accuracy rose to 1.0). Read eval/accuracy, not the format rate.
+#
+# Data (load_problems): openai/gsm8k (main), --dataset-path FILE.jsonl of {"question", "answer"} records, or
+# --dataset synthetic (a seeded generator of GSM8K-format word problems in this file, so it runs offline).
+# --eval-samples held-out problems are scored greedily at the start, every --eval-every steps and at the end
+# (eval/accuracy, eval/format_rate).
+#
+# Errors: whatever fails, in the learner or in the generator thread, the generator thread is stopped and joined, the
+# logs are closed, and the run ends with one line (error: stopped at step 12: OutOfMemoryError: CUDA out of memory.
+# ...; lower --micro-batch-size or --generation-batch-size). Ctrl-C (or SIGTERM) finishes the current step, saves the
+# model if asked, closes the logs and exits with 130; a second Ctrl-C aborts.
+#
+# Our reading, beyond the paper's: the filter works per token (the gate over the minibatch's valid tokens, dropped
+# tokens stay in the denominator: a token-level mean as in DAPO); no KL penalty to a reference model (ppo-kl penalizes
+# KL(beta || pi_theta), the distance to the behavior policy); no entropy bonus. AdamW, lr 1e-6, no weight decay.
+
 
 @dataclass
 class Args:

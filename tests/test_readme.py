@@ -1,0 +1,85 @@
+"""The README and the studies page: every relative link resolves, the front page's results table is what the committed
+summaries give, and the README stays short enough to read in one go."""
+import re
+import sys
+import unicodedata
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+import results_at_a_glance  # noqa: E402
+
+PAGES = [ROOT / "README.md", ROOT / "tests" / "results" / "README.md"]
+GLANCE = re.compile(r"<!-- results-at-a-glance: start -->\n(.*?)<!-- results-at-a-glance: end -->", re.S)
+
+
+def github_anchors(markdown):
+    """The #anchors GitHub gives the headings of a page: lowercase, punctuation dropped except - and _ (letters, marks
+    such as the bar of ρ̄, and digits stay), each space a -, a repeated anchor suffixed -1, -2, ... Code blocks hold
+    no headings."""
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.M):
+        kept = (c for c in heading.strip().lower()
+                if c in "-_ " or unicodedata.category(c)[0] in "LM" or unicodedata.category(c) == "Nd")
+        slug = "".join(kept).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def links(markdown):
+    """The targets of the page's markdown links and images, outside code blocks and inline code."""
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"\]\(([^()\s]+)\)", text)
+
+
+def test_github_anchor_rules():
+    page = "# A: b\n## `x.py`: the δ, ρ̄ (and more)\n## Twice\n## Twice\n```\n# not a heading\n```\n"
+    assert github_anchors(page) == {"a-b", "xpy-the-δ-ρ̄-and-more", "twice", "twice-1"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_anchor_resolves(page):
+    text = page.read_text()
+    checked, broken = 0, []
+    for target in links(text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto: ... are not checked (no network)
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / unquote(path)).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no file {file}")
+        elif anchor and (file.suffix != ".md" or unquote(anchor) not in github_anchors(file.read_text())):
+            broken.append(f"{target}: no heading with the anchor #{anchor} in {file.name}")
+        checked += 1
+    assert not broken, "\n".join(broken)
+    assert checked >= 10  # the pages link to each other and to the tables: a parser that finds nothing is broken
+
+
+def test_readme_results_table_is_what_the_committed_summaries_give():
+    block = GLANCE.search((ROOT / "README.md").read_text())
+    assert block, "README.md: the results-at-a-glance markers are missing"
+    assert block.group(1) == results_at_a_glance.table(), (
+        "README.md's results table differs from the committed summaries: paste the output of "
+        "`python tests/results_at_a_glance.py` between the markers")
+
+
+def test_readme_is_at_most_26000_bytes():
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= 26000, f"README.md is {size} bytes; move detail to tests/results/README.md or the scripts"
+
+
+def test_readme_links_to_every_study():
+    """Each section (##) of tests/results/README.md is linked from the front page, so no study is out of reach."""
+    studies = (ROOT / "tests" / "results" / "README.md").read_text()
+    sections = github_anchors("\n".join(re.findall(r"^## .+$", re.sub(r"^```.*?^```", "", studies, flags=re.S | re.M),
+                                                   flags=re.M)))
+    linked = {target.split("#", 1)[1] for target in links((ROOT / "README.md").read_text())
+              if target.startswith("tests/results/README.md#")}
+    assert sections - linked == set(), f"README.md does not link these studies: {sorted(sections - linked)}"
