@@ -414,15 +414,18 @@ if __name__ == "__main__":
                         "losses/filtered_frac": pg_stats["filtered_frac"], "losses/filter_gate_frac": pg_stats["gate"]})
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
-        target_var = b_returns.var().item()
-        explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
+        explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
 
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
-        # a diverged update (a loss statistic or a parameter not finite) stops the run here, before the next rollout
-        # samples from it: one host synchronization per iteration, none per step
-        if not torch.stack([param.isfinite().all() for param in agent.parameters()]).all():
-            logged.update({f"parameter {name}": param.abs().max().item() for name, param in agent.named_parameters()})
+        # a diverged update stops the run here, before the next rollout samples from it: a loss statistic, a parameter,
+        # or the policy's log-prob where the next rollout starts (weights that are finite but huge can overflow there)
+        # is not finite. One host synchronization per iteration, none per step; a tensor is then reported by its first
+        # non-finite element (0 if it has none).
+        watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
+        watched["log-prob at the next observations"] = agent.get_action_and_value(next_obs, actions[-1])[1].detach()
+        if not torch.stack([value.isfinite().all() for value in watched.values()]).all():
+            logged.update({name: value[~value.isfinite()][:1].sum().item() for name, value in watched.items()})
         if bad := [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]:
             writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
             raise SystemExit(f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
