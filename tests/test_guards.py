@@ -62,7 +62,7 @@ DIVERGING = [
     ("vaco_classic.py", ["--env-id", "Pendulum-v1", "--learning-rate", 30, *ONE_STEP], 3, "losses/policy_loss"),
     # one step makes std = exp(logstd) overflow: the next rollout would sample from a policy of infinite std
     ("vaco_classic.py", ["--env-id", "Pendulum-v1", "--learning-rate", 100, *ONE_STEP], 1, "log-prob at the next"),
-    ("vaco_classic.py", ["--env-id", "Pendulum-v1", "--learning-rate", "1e8"], 1, "losses/policy_loss"),  # README's
+    ("vaco_classic.py", ["--env-id", "Pendulum-v1", "--learning-rate", "1e8"], 1, "losses/policy_loss"),  # 4x4 steps
     ("vaco_atari.py", ["--learning-rate", 1000, *ONE_STEP], 2, "losses/value_loss"),
     # finite weights whose CNN overflows on the next frames: the sampler of the next rollout would raise
     ("vaco_atari.py", ["--learning-rate", "1e6", *ONE_STEP], 1, "log-prob at the next"),
