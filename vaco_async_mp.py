@@ -666,14 +666,26 @@ def train(args, agent, optimizer, actors, batch, writer):
                         "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
                         "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
                         "losses/filtered_frac": pg_stats["filtered_frac"], "losses/filter_gate_frac": pg_stats["gate"]})
-        actors.publish(agent)
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
-        target_var = b_returns.var().item()
-        explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
+        explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
 
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
+        # a diverged update stops the run here, before the actors get the new weights: a loss statistic, a parameter,
+        # or the policy's log-prob where the actors go on (weights that are finite but huge can overflow there)
+        # is not finite. One host synchronization per iteration, none per step; a tensor is then reported by its first
+        # non-finite element (0 if it has none).
+        # The main block's `finally` stops the actors and closes the TensorBoard log; no model is saved.
+        watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
+        watched["log-prob at the next observations"] = agent.get_action_and_value(batch["obs"][T],
+                                                                                  batch["actions"][-1])[1].detach()
+        if not torch.stack([value.isfinite().all() for value in watched.values()]).all():
+            logged.update({name: value[~value.isfinite()][:1].sum().item() for name, value in watched.items()})
+        if bad := [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]:
+            raise SystemExit(f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
+                             f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})")
+        actors.publish(agent)
         logged.update({"losses/explained_variance": explained_var, "charts/kl_coef": args.kl_coef,
                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "perf/learner_wait_s": learner_wait,
                        "charts/SPS": int(global_step / (time.time() - start_time)), "charts/policy_lag": np.mean(lags),
@@ -700,7 +712,8 @@ def check_args(args):
     given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
     batch = args.rollouts_per_batch * args.num_envs_per_actor * args.num_steps  # samples per learner batch
     counts = "num-actors num-envs-per-actor num-steps rollouts-per-batch update-epochs"
-    rules = [(f, given[f] >= 1, ">= 1") for f in counts.split()]
+    rules = [(f, np.isfinite(value), "a finite number") for f, value in given.items() if isinstance(value, float)]
+    rules += [(f, given[f] >= 1, ">= 1") for f in counts.split()]
     rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
     rules += [(f, given[f] > 0, "> 0") for f in "learning-rate max-grad-norm tv-delta rho-bar clip-coef".split()]
     rules += [(f, given[f] >= 0, ">= 0") for f in "ent-coef vf-coef kl-coef kl-target".split()]

@@ -144,15 +144,14 @@ def make_env(env_id, idx, capture_video, run_name):
                        obs_type="grayscale")  # AtariPreprocessing skips the frames; ALE/...-v5's sticky actions stay on
         if capture_video and idx == 0:
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
-        env = gym.wrappers.RecordEpisodeStatistics(env)  # under all of the preprocessing: the score of a whole game
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # under all reward/episode wrappers: it records the true return
         # 1 to 30 no-ops on reset, 4 frames per action (max of the last two), 84x84 grayscale; lives: EpisodicLife
         env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
         env = EpisodicLife(env)
         if env.unwrapped.get_action_meanings()[1] == "FIRE":  # FIRE is action 1 in every game that has it
             env = FireReset(env)
         env = gym.wrappers.TransformReward(env, lambda reward: float(np.sign(reward)))
-        env = gym.wrappers.FrameStackObservation(env, stack_size=4)
-        return env
+        return gym.wrappers.FrameStackObservation(env, stack_size=4)
 
     return thunk
 
@@ -272,7 +271,8 @@ def check_args(args):
     """Stop with one line naming the flag, its value and its valid range, before anything is created."""
     given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
     batch = args.num_envs * args.num_steps
-    rules = [(f, given[f] >= 1, ">= 1") for f in ("num-envs", "num-steps", "update-epochs")]
+    rules = [(f, np.isfinite(value), "a finite number") for f, value in given.items() if isinstance(value, float)]
+    rules += [(f, given[f] >= 1, ">= 1") for f in ("num-envs", "num-steps", "update-epochs")]
     rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
     rules += [(f, given[f] > 0, "> 0") for f in "learning-rate max-grad-norm tv-delta rho-bar clip-coef".split()]
     rules += [(f, given[f] >= 0, ">= 0") for f in "ent-coef vf-coef kl-coef kl-target policy-lag eval-episodes".split()]
@@ -303,8 +303,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
+    minibatch_size, num_iterations = batch_size // args.num_minibatches, args.total_timesteps // batch_size
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # seeding
@@ -337,11 +336,9 @@ if __name__ == "__main__":
     snapshots = deque(maxlen=args.policy_lag + 1)
 
     # start
-    global_step, start_time = 0, time.time()
+    global_step, start_time, recent_returns, stop_requested = 0, time.time(), deque(maxlen=20), False
     next_obs, _ = envs.reset(seed=args.seed)
     next_obs = torch.as_tensor(next_obs, device=device)  # the dtype the environments give, kept by the storage
-    recent_returns = deque(maxlen=20)
-    stop_requested = False
 
     # rollout storage, [T, N, ...]; actions as floats, Discrete ones too (Categorical.log_prob casts them to long)
     T, N = args.num_steps, args.num_envs
@@ -442,16 +439,26 @@ if __name__ == "__main__":
                         "losses/filtered_frac": pg_stats["filtered_frac"], "losses/filter_gate_frac": pg_stats["gate"]})
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
-        target_var = b_returns.var().item()
-        explained_var = np.nan if target_var == 0 else 1 - (b_returns - b_values).var().item() / target_var
+        explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
 
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
+        # a diverged update stops the run here, before the next rollout samples from it: a loss statistic, a parameter,
+        # or the policy's log-prob where the next rollout starts (weights that are finite but huge can overflow there)
+        # is not finite. One host synchronization per iteration, none per step; a tensor is then reported by its first
+        # non-finite element (0 if it has none).
+        watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
+        watched["log-prob at the next observations"] = agent.get_action_and_value(next_obs, actions[-1])[1].detach()
+        if not torch.stack([value.isfinite().all() for value in watched.values()]).all():
+            logged.update({name: value[~value.isfinite()][:1].sum().item() for name, value in watched.items()})
+        if bad := [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]:
+            writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
+            raise SystemExit(f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
+                             f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})")
         logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": len(snapshots) - 1,
-                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/kl_coef": args.kl_coef,
-                       "charts/SPS": int(global_step / (time.time() - start_time)),
+                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "align/rho_mean": b_rhos.mean().item(),
+                       "charts/SPS": int(global_step / (time.time() - start_time)), "charts/kl_coef": args.kl_coef,
                        "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
-                       "align/rho_mean": b_rhos.mean().item(),
                        "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item()})
         for key, value in logged.items():
             writer.add_scalar(key, value, global_step)
