@@ -19,11 +19,21 @@ SPEC_KEYS = {
 }
 
 
+def script_env(env=None):
+    """The environment of a script's process: one thread (two cores thrash otherwise), unbuffered output."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 def run_script(script, *args, cwd, timeout=600, env=None):
-    """Run `python ROOT/script args...` in `cwd` on one thread (two cores thrash otherwise)."""
-    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=child_env,
+    """Run `python ROOT/script args...` in `cwd` to its end; returns the CompletedProcess (stdout, stderr apart)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=script_env(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_script(script, *args, cwd, env=None, **popen_kwargs):
+    """Start `python ROOT/script args...` in `cwd` and return the Popen at once (stderr merged into stdout, text)."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=script_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
 
 
 def read_scalars(folder):

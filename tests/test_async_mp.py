@@ -4,8 +4,6 @@ import inspect
 import math
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -15,11 +13,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-import tyro
-from conftest import ROOT, SPEC_KEYS, read_scalars
+from conftest import SPEC_KEYS, flag_error, read_scalars, start_script, values
 
-sys.path.insert(0, str(ROOT))
-import vaco_async_mp  # noqa: E402
+import vaco_async_mp
 
 # a small fast-learning CartPole configuration shared by the runs below
 SMALL = ["--num-steps", "64", "--learning-rate", "2.5e-3"]
@@ -61,10 +57,7 @@ ASYNC_KEYS = {"charts/policy_lag_max", "charts/behavior_version", "charts/droppe
     ("--env-id Blackjack-v1", "Blackjack-v1 has Tuple(Discrete(32), Discrete(11), Discrete(2)) observations"),
 ])
 def test_a_bad_flag_stops_with_one_line_naming_it(flags, message):
-    with pytest.raises(SystemExit) as stop:
-        vaco_async_mp.check_args(tyro.cli(vaco_async_mp.Args, args=flags.split()))
-    assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
-    assert message in str(stop.value)
+    assert message in flag_error("vaco_async_mp.py", *flags.split())
 
 
 @pytest.mark.parametrize("flags", ["--gamma 1.5", "--env-id Blackjack-v1"])
@@ -134,10 +127,7 @@ class Background:
     """The script in the background (its own process group, as a shell job), its output collected line by line."""
 
     def __init__(self, tmp_path, *flags):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "vaco_async_mp.py"), *flags], cwd=tmp_path, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = start_script("vaco_async_mp.py", *flags, cwd=tmp_path, start_new_session=True)
         self.lines = []
         self.reader = threading.Thread(target=self.read)
         self.reader.start()
@@ -200,10 +190,6 @@ def assert_all_gone(pids, within=5.0):
 
 def actor_pids(lines):
     return [int(line.rsplit("pid ", 1)[1].rstrip(")\n")) for line in lines if " started (pid " in line]
-
-
-def values(logged, key):
-    return [value for _, value in logged[key]]
 
 
 # ---------------------------------------------------------------- runs

@@ -1,7 +1,6 @@
 """vaco_atari.py: its Atari preprocessing, short runs as a user runs them (all logged keys, a loadable model, a critic
 that learns, ppo-kl's coefficient), and a one-line error for every bad flag. compute_vtrace and policy_loss are tested
 in test_spec_functions.py, for every script."""
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -9,11 +8,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SPEC_KEYS, read_scalars, run_script
+from conftest import SPEC_KEYS, flag_error, read_scalars, run_script, values
 
-sys.path.insert(0, str(ROOT))
-import vaco_atari  # noqa: E402
-from vaco_atari import make_env  # noqa: E402
+import vaco_atari
+from vaco_atari import make_env
 
 SCRIPT = "vaco_atari.py"
 
@@ -167,10 +165,6 @@ def runs(tmp_path_factory):
     return {name: (base / name, result.stdout, read_scalars(base / name / "runs")) for name, result in results.items()}
 
 
-def values(scalars, key):
-    return np.array([v for _, v in scalars[key]])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["breakout", "pong"])
 def test_runs_write_every_documented_key(runs, name):
@@ -252,10 +246,16 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(map(str, args)) for args, _ in BAD_FLAGS])
-def test_bad_flag_stops_with_one_line_before_anything_starts(run, tmp_path, args, message):
+def test_bad_flag_is_refused_with_one_line_naming_it(args, message):
+    """check_args, in-process (tyro parses the flags as the command line does)."""
+    assert message in flag_error(SCRIPT, *args)
+
+
+@pytest.mark.parametrize("args", [["--gamma", 1.5], ["--env-id", "CartPole-v1"]], ids=["range", "not-atari"])
+def test_a_refused_run_prints_one_line_and_creates_nothing(run, tmp_path, args):
+    """End to end: the same line reaches stderr, without a traceback, before the runs/ folder exists."""
     result = run(SCRIPT, *args, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0] == flag_error(SCRIPT, *args), result.stderr
     assert not (tmp_path / "runs").exists(), "nothing should be written before the input is checked"
-

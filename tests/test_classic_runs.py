@@ -1,23 +1,17 @@
 """vaco_classic.py run as a user runs it: logged keys, learning, lag, the loss variants, reproducibility on any thread
 count, saving, bad flags, Ctrl-C."""
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SPEC_KEYS, read_scalars, run_script
+from conftest import SPEC_KEYS, flag_error, read_scalars, run_script, start_script, values
 
 SCRIPT = "vaco_classic.py"
 LOSS_KEYS = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/tv"]
-
-
-def values(scalars, key):
-    return np.array([v for _, v in scalars[key]])
 
 
 def logged(folder, *args, env=None):
@@ -173,35 +167,38 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(map(str, args)) for args, _ in BAD_FLAGS])
-def test_bad_flag_stops_with_one_line_before_anything_starts(run, tmp_path, args, message):
+def test_bad_flag_is_refused_with_one_line_naming_it(args, message):
+    """check_args, in-process (tyro parses the flags as the command line does): one 'error: ' line with the flag,
+    its valid range and the value given."""
+    assert message in flag_error(SCRIPT, *args)
+
+
+@pytest.mark.parametrize("args", [["--gamma", 1.5], ["--env-id", "Blackjack-v1"]], ids=["range", "spaces"])
+def test_a_refused_run_prints_one_line_and_creates_nothing(run, tmp_path, args):
+    """End to end: the same line reaches stderr, without a traceback, before the runs/ folder exists."""
     result = run(SCRIPT, *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0] == flag_error(SCRIPT, *args), result.stderr
     assert not (tmp_path / "runs").exists(), "nothing should be written before the input is checked"
 
 
-def test_unsupported_action_space_is_named(tmp_path):
-    code = (
-        "import gymnasium as gym, numpy as np, runpy, sys\n"
-        "class Toy(gym.Env):\n"
-        "    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)\n"
-        "    action_space = gym.spaces.MultiDiscrete([2, 3])\n"
-        "gym.register('MultiDiscreteToy-v0', entry_point=Toy)\n"
-        "sys.argv = ['vaco_classic.py', '--env-id', 'MultiDiscreteToy-v0']\n"
-        f"runpy.run_path({str(ROOT / SCRIPT)!r}, run_name='__main__')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "MultiDiscrete([2 3]) actions; vaco_classic.py takes" in result.stderr.strip().splitlines()[-1]
-    assert "Discrete or Box actions" in result.stderr.strip().splitlines()[-1]
+def test_unsupported_action_space_is_named():
+    class Toy(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+        action_space = gym.spaces.MultiDiscrete([2, 3])
+
+    gym.register("MultiDiscreteToy-v0", entry_point=Toy)
+    try:
+        message = flag_error(SCRIPT, "--env-id", "MultiDiscreteToy-v0")
+    finally:
+        del gym.registry["MultiDiscreteToy-v0"]
+    assert "MultiDiscrete([2 3]) actions; vaco_classic.py takes" in message and "Discrete or Box actions" in message
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stop_signal_keeps_the_logs_and_saves_the_model(tmp_path, sig):
-    proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--save-model", "--total-timesteps", "10000000"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    proc = start_script(SCRIPT, "--save-model", "--total-timesteps", 10_000_000, cwd=tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for the first progress line: training is under way
         if proc.stdout.readline().startswith("step"):
