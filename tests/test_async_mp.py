@@ -325,22 +325,38 @@ def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_grou
     assert agent.get_value(torch.zeros(1, 4)).shape == (1,)
 
 
-@pytest.mark.slow
-def test_atari_runs_with_the_preprocessing_of_vaco_atari(run, tmp_path):
+def test_atari_ids_get_the_preprocessing_of_vaco_atari():
+    """A score means the same in both scripts: the same emulator settings, the same wrappers with the same settings
+    in the same order, the reward wrapper doing the same to rewards a sign clip changes (its function is a lambda:
+    compared by what it returns, not by its name), and our own wrappers the same text."""
     pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
     import vaco_atari
 
-    def wrappers(env):  # the emulator's settings, then each wrapper with its settings (not the reward's lambda)
+    def wrappers(env):  # the emulator's settings, then each wrapper with its settings (the reward's function apart)
         spec = env.spec
         return spec.kwargs, [(w.name, {k: v for k, v in (w.kwargs or {}).items() if k != "func"})
                              for w in spec.additional_wrappers]
 
-    # the same emulator settings, the same wrappers with the same settings in the same order, our own wrappers the
-    # same text: a score means the same in both scripts
-    assert wrappers(vaco_async_mp.make_env("ALE/Breakout-v5", 0, False, "")()) == \
-        wrappers(vaco_atari.make_env("ALE/Breakout-v5", 0, False, "")())
+    def reward_functions(env):  # what each reward wrapper, innermost first, makes of a few rewards
+        found = []
+        while hasattr(env, "env"):
+            if isinstance(env, gym.wrappers.TransformReward):
+                found.append([env.func(r) for r in (-3.0, -0.5, 0.0, 0.5, 7.0)])
+            env = env.env
+        return found[::-1]
+
+    envs = [script.make_env("ALE/Breakout-v5", 0, False, "")() for script in (vaco_async_mp, vaco_atari)]
+    assert wrappers(envs[0]) == wrappers(envs[1])
+    assert reward_functions(envs[0]) == reward_functions(envs[1]) == [[-1.0, -1.0, 0.0, 1.0, 1.0]]
     for name in ["EpisodicLife", "FireReset"]:
         assert inspect.getsource(getattr(vaco_async_mp, name)) == inspect.getsource(getattr(vaco_atari, name))
+    for env in envs:
+        env.close()
+
+
+@pytest.mark.slow
+def test_atari_runs(run, tmp_path):
+    pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
     proc = run("vaco_async_mp.py", "--env-id", "ALE/Breakout-v5", "--num-actors", "1", "--num-envs-per-actor", "1",
                "--num-steps", "16", "--rollouts-per-batch", "2", "--num-minibatches", "2", "--update-epochs", "1",
                "--total-timesteps", "64")

@@ -99,20 +99,18 @@ def test_the_thread_count_of_the_machine_does_not_change_a_run(tmp_path):
         np.testing.assert_array_equal(values(logs[0], key), values(logs[1], key), err_msg=key)
 
 
-def test_learner_anchor_is_the_default_without_lag_and_differs_with_lag(tmp_path):
+def test_learner_anchor_is_the_default_without_lag(tmp_path):
     """--tv-anchor learner takes the ratio against pi_T and weights the advantages by min(rho_bar, pi_T / beta). At
-    lag 0, pi_T = beta: the first iteration is the default to the last digit, and later ones differ only by the float
-    rounding that separates pi_T's batched log-probs from beta's per-step ones (~1e-9). At lag 2 the two differ."""
-    runs = {(anchor, lag): logged(tmp_path / f"{anchor}{lag}", "--total-timesteps", 2048, "--policy-lag", lag,
-                                  "--tv-anchor", anchor) for anchor in ("behavior", "learner") for lag in (0, 2)}
+    lag 0, pi_T = beta up to the float rounding that separates pi_T's batched log-probs from beta's per-step ones, so
+    every logged loss stays within the README's ~1e-5 of the default's (on this machine they are bit-identical), and
+    the first iteration, before any update, is the default to the last digit. (That the weight and the anchor are
+    exactly the spec's under lag is checked step by step in test_spec_functions.py.)"""
+    runs = {anchor: logged(tmp_path / anchor, "--total-timesteps", 2048, "--tv-anchor", anchor)
+            for anchor in ("behavior", "learner")}
     for key in LOSS_KEYS:
-        default, learner = values(runs["behavior", 0], key), values(runs["learner", 0], key)
-        assert default[0] == learner[0], key
-        np.testing.assert_allclose(learner, default, rtol=1e-3, atol=1e-7, err_msg=key)
-    for key in ["losses/policy_loss", "losses/approx_kl", "losses/tv"]:
-        default, learner = values(runs["behavior", 2], key), values(runs["learner", 2], key)
-        assert default[0] == learner[0], "the first iteration has no lag yet"
-        assert (np.abs(learner[1:] - default[1:]) > 1e-2 * np.abs(default[1:])).all(), key
+        default, learner = values(runs["behavior"], key), values(runs["learner"], key)
+        assert len(default) == 4 and default[0] == learner[0], key
+        np.testing.assert_allclose(learner, default, rtol=1e-5, atol=1e-8, err_msg=key)
 
 
 def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path):
