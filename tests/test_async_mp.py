@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import SPEC_KEYS, flag_error, read_scalars, start_script, values
+from conftest import SPEC_KEYS, flag_error, read_scalars, record_env_steps, record_updates, start_script, values
 
 import vaco_async_mp
 
@@ -118,6 +118,141 @@ def test_an_actor_acts_with_the_statistics_published_with_its_weights():
     assert torch.allclose(logprobs(learner, new), new["logprobs"], atol=1e-5)
     assert (logprobs(version_0, new) - new["logprobs"]).abs().mean() > 0.1
     assert ((0.7 < new["obs"][..., 0]) & (new["obs"][..., 0] < 2.0)).all()  # raw: Hopper's height, not normalized
+
+
+# ---------------------------------------------------------------- the learner, fed by actors in this process
+
+
+class InProcessActors:
+    """A stand-in for ActorPool in this process: each rollout is collected by the script's collect_rollout with the
+    weights and statistics the learner published `lag` versions ago, the lags taken in turn from a schedule (at most
+    the versions published so far). So the learner sees real rollouts of known lag, deterministically."""
+
+    def __init__(self, args, agent, lags):
+        self.args, self.version, self.restarts, self.lags = args, 0, 0, list(lags)
+        self.published = [copy.deepcopy(agent)]
+        self.envs = gym.vector.SyncVectorEnv([vaco_async_mp.make_env(args.env_id, 0, False, "")],
+                                             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.next_obs, _ = self.envs.reset(seed=args.seed)
+        self.discounted = np.zeros(args.num_envs_per_actor)
+        self.slots = [vaco_async_mp.rollout_buffers(args.num_steps, args.num_envs_per_actor,
+                                                    self.envs.single_observation_space, self.envs.single_action_space)]
+        self.given = []  # (the learner's version when asked, the rollout's version, a copy of the rollout)
+
+    def next_rollout(self):
+        version = self.version - min(self.lags.pop(0), self.version)
+        self.next_obs, episodes = vaco_async_mp.collect_rollout(self.args, self.published[version], self.envs,
+                                                                self.next_obs, self.discounted, self.slots[0])
+        self.given.append((self.version, version, {k: v.clone() for k, v in self.slots[0].items()}))
+        return {"slot": 0, "version": version, "episodes": episodes, "actor_wait_s": 0.0}
+
+    def free(self, slot_id):
+        pass
+
+    def publish(self, agent):
+        self.version += 1
+        self.published.append(copy.deepcopy(agent))
+
+
+class Scalars:
+    """A SummaryWriter that keeps what is logged: {tag: [values]}."""
+
+    def __init__(self):
+        self.logged = {}
+
+    def add_scalar(self, tag, value, step):
+        self.logged.setdefault(tag, []).append(float(value))
+
+
+def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_says(monkeypatch):
+    """train() on Hopper with a short time limit, fed rollouts of known lag (0 to 5 versions) with --max-policy-lag 2,
+    every gradient step watched (conftest.record_updates). Checked against quantities recomputed here:
+    - the measured lag: each batch's logged lag (mean, max), dropped rollouts and behavior version are those of the
+      rollouts it was given, and a rollout more than 2 versions old never enters a batch;
+    - normalization under lag: pi_T's observation statistics are gymnasium's running mean and variance of every raw
+      observation trained on so far, this batch's included, and the rewards are the raw ones scaled by the running
+      std of the discounted rewards, clipped to [-10, 10], with gamma * V_beta(final obs) added after the scaling on
+      a time limit (and V_beta(final obs) is what the actor recorded);
+    - ALIGN: V-trace with pi_T's log-probs and critic (its statistics) on the raw observations;
+    - FILTER: every minibatch's loss on the normalized advantages against beta's recorded log-probs."""
+    from gymnasium.wrappers.utils import RunningMeanStd
+    from test_spec_functions import reference_vtrace, vaco_loss
+
+    make = gym.make
+    monkeypatch.setattr(gym, "make", lambda env_id, **kwargs: make(env_id, **{"max_episode_steps": 30, **kwargs}))
+    monkeypatch.setattr(vaco_async_mp, "stop_requested", False, raising=False)
+    env_steps = record_env_steps(monkeypatch, gym.vector.SyncVectorEnv)
+    updates = record_updates(monkeypatch, ["iteration", "mb_inds", "newlogprob", "pg_loss"],
+                             ["agent", "rewards", "b_obs", "b_actions", "b_logprobs", "b_advantages", "b_returns"])
+    args = vaco_async_mp.Args(env_id="Hopper-v5", num_envs_per_actor=1, num_steps=32, rollouts_per_batch=2,
+                              num_minibatches=2, update_epochs=2, total_timesteps=32 * 2 * 6, max_policy_lag=2,
+                              learning_rate=3e-3, tv_delta=0.05, seed=3)
+    observation_space, action_space = vaco_async_mp.check_args(args)
+    torch.manual_seed(args.seed)
+    agent = vaco_async_mp.Agent(observation_space, action_space)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    batch = vaco_async_mp.rollout_buffers(args.num_steps, 2, observation_space, action_space)
+    actors, writer = InProcessActors(args, agent, [0, 0, 1, 0, 3, 1, 2, 5, 0, 2, 1, 4, 3, 2, 0] + [1] * 20), Scalars()
+    vaco_async_mp.train(args, agent, optimizer, actors, batch, writer)
+
+    # the measured lag and the hard filter
+    iterations = range(6)
+    asked = {i: [(version, rollout) for learner, version, rollout in actors.given if learner == i] for i in iterations}
+    kept = {i: [(version, rollout) for version, rollout in asked[i] if i - version <= 2] for i in iterations}
+    assert all(len(kept[i]) == 2 for i in iterations)
+    lags = {i: [i - version for version, _ in kept[i]] for i in iterations}
+    assert writer.logged["charts/policy_lag"] == pytest.approx([np.mean(lags[i]) for i in iterations])
+    assert writer.logged["charts/policy_lag_max"] == [max(lags[i]) for i in iterations]
+    assert writer.logged["charts/dropped_rollouts"] == [len(asked[i]) - 2 for i in iterations]
+    assert writer.logged["charts/behavior_version"] == pytest.approx([np.mean([v for v, _ in kept[i]])
+                                                                      for i in iterations])
+    assert sum(writer.logged["charts/dropped_rollouts"]) >= 2 and max(writer.logged["charts/policy_lag_max"]) == 2
+
+    # the actor's truncation values: V_beta(final obs) on a time limit, 0 on a real terminal
+    kinds = set()
+    for k, (_, version, rollout) in enumerate(actors.given):
+        for t in range(args.num_steps):
+            _, terminated, truncated, final_obs = env_steps[k * args.num_steps + t]
+            expected = 0.0
+            if truncated[0] and not terminated[0]:
+                with torch.no_grad():
+                    expected = actors.published[version].get_value(torch.as_tensor(final_obs[0][None]).float())[0]
+            kinds |= {"terminated"} if terminated[0] else {"truncated"} if truncated[0] else set()
+            assert rollout["truncation_values"][t, 0].item() == pytest.approx(float(expected), abs=1e-6)
+    assert kinds == {"terminated", "truncated"}
+
+    # normalization under lag, ALIGN, FILTER
+    obs_rms, reward_rms = RunningMeanStd(shape=observation_space.shape), RunningMeanStd(shape=())
+    firsts = {u["iteration"]: u for u in updates if "agent" in u}
+    T, N, gates = args.num_steps, 2, []
+    for i in iterations:
+        first, pi_T = firsts[i + 1], firsts[i + 1]["agent"]
+        columns = {key: torch.cat([rollout[key] for _, rollout in kept[i]], dim=1) for key in kept[i][0][1]}
+        obs_rms.update(columns["obs"][:T].flatten(0, 1).numpy())
+        reward_rms.update(columns["discounted_rewards"].flatten().numpy())
+        torch.testing.assert_close(pi_T.obs_mean.double(), torch.as_tensor(obs_rms.mean), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pi_T.obs_var.double(), torch.as_tensor(obs_rms.var), atol=1e-5, rtol=1e-5)
+        rewards = (columns["rewards"] / float(np.sqrt(reward_rms.var + 1e-8))).clamp(-10, 10)
+        rewards = rewards + args.gamma * columns["truncation_values"]
+        torch.testing.assert_close(first["rewards"], rewards, atol=1e-5, rtol=1e-5)
+        b_obs, b_actions = columns["obs"][:T].flatten(0, 1), columns["actions"].flatten(0, 1)
+        torch.testing.assert_close(first["b_obs"], b_obs)  # raw observations: pi_T applies its own statistics
+        with torch.no_grad():
+            _, lp_T, _, v_T = pi_T.get_action_and_value(b_obs, b_actions)
+            v_T_next = pi_T.get_value(columns["obs"][T])
+        beta_logprobs = columns["logprobs"].flatten()
+        adv, ret = reference_vtrace(rewards.tolist(), v_T.view(T, N).tolist(), v_T_next.tolist(),
+                                    columns["dones"].tolist(), (lp_T - beta_logprobs).view(T, N).tolist(),
+                                    args.gamma, args.gae_lambda, 1.0, 1.0)
+        torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
+        for update in (u for u in updates if u["iteration"] == i + 1):
+            advantages = first["b_advantages"][update["mb_inds"]]
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            loss, gate = vaco_loss(update["newlogprob"], beta_logprobs[update["mb_inds"]], advantages, args.tv_delta)
+            assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
+            gates.append(gate)
+    assert set(gates) == {0.0, 1.0}
 
 
 # ---------------------------------------------------------------- helpers for the runs

@@ -300,8 +300,8 @@ def lag0_run(tmp_path_factory):
     proc = run_script(SCRIPT, "--model-name-or-path", model_dir, "--dataset-path", cwd / "train.jsonl",
                       "--total-steps", "3", "--num-prompts", "2", "--group-size", "4", "--max-new-tokens", "8",
                       "--learning-rate", "1e-2", "--num-minibatches", "2", "--eval-samples", "2", "--policy-lag", "0",
-                      "--micro-batch-size", "2", "--policy-loss", "ppo-kl", "--kl-target", "1.0", "--temperature", "0.7",
-                      cwd=cwd)
+                      "--micro-batch-size", "2", "--policy-loss", "ppo-kl", "--kl-target", "1.0",
+                      "--temperature", "0.7", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return model_dir, read_scalars(cwd)
 
