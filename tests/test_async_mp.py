@@ -374,8 +374,11 @@ def test_hopper_with_the_kl_penalty_logs_returns_lag_and_the_statistics_version(
 
 
 @pytest.mark.slow
-def test_lag_is_real_and_the_hard_filter_drops_old_rollouts(run, tmp_path):
-    """Four actors on two cores with tiny rollouts queue up faster than the learner trains: lag > 0 is measured."""
+def test_lag_is_real_and_never_above_the_hard_filter(run, tmp_path):
+    """Four actors on two cores with tiny rollouts: each actor fills its spare slot while the learner trains, so
+    batches hold rollouts of an older version (lag > 0 is measured), and none older than --max-policy-lag enters a
+    batch. How many are dropped depends on how the machine schedules the processes, so it is not asserted here: the
+    hard filter's count is checked with rollouts of known lag in the in-process learner test above."""
     proc = run("vaco_async_mp.py", "--num-actors", "4", "--num-envs-per-actor", "1", "--num-steps", "16",
                "--rollouts-per-batch", "2", "--num-minibatches", "2", "--max-policy-lag", "1",
                "--total-timesteps", "1600")
@@ -383,7 +386,6 @@ def test_lag_is_real_and_the_hard_filter_drops_old_rollouts(run, tmp_path):
     logged = read_scalars(tmp_path / "runs")
     assert max(values(logged, "charts/policy_lag")) > 0
     assert max(values(logged, "charts/policy_lag_max")) == 1  # never above --max-policy-lag
-    assert sum(values(logged, "charts/dropped_rollouts")) > 0
     assert len(logged["charts/policy_lag"]) == 1600 // 32
 
 
@@ -424,14 +426,17 @@ gym.register("BrokenCartPole-v0", entry_point=BrokenCartPole, max_episode_steps=
 @pytest.mark.slow
 def test_past_the_restart_limit_the_run_stops_with_the_actor_error(run, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(CRASHING_ENV))
+    # --wait-timeout 600: a learner that waited for rollouts from the dead actors instead of stopping would take 10
+    # minutes (the subprocess timeout ends it first); a stop on the third failure takes seconds. The bound between
+    # them is generous so that a busy machine cannot fail it.
     start = time.time()
-    proc = run("vaco_async_mp.py", "--env-id", "BrokenCartPole-v0", "--max-actor-restarts", "2",
-               "--total-timesteps", "5120", timeout=90, env={"PYTHONPATH": str(tmp_path)})
+    proc = run("vaco_async_mp.py", "--env-id", "BrokenCartPole-v0", "--max-actor-restarts", "2", "--wait-timeout", 600,
+               "--total-timesteps", "5120", timeout=300, env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode != 0
     assert "RuntimeError: the test env broke on purpose" in proc.stderr  # the actor's traceback, in the learner
     assert "stopping after 3 actor failures (--max-actor-restarts 2 exhausted)" in proc.stderr
     assert proc.stderr.count("failed: exited with code 1") >= 3
-    assert time.time() - start < 60
+    assert time.time() - start < 240
 
 
 @pytest.mark.slow
@@ -442,14 +447,16 @@ def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_grou
     run_.wait_for(lambda line: line.startswith("step"))
     pids = descendants(run_.proc.pid)
     assert len(pids) >= 3  # two actors and the process server at least
+    # the run asks for 10M steps: one that ignored the signal would go on for hours; one that ends its iteration (of
+    # 256 CartPole steps) stops within a second here. 60 s between them: a busy machine cannot fail it.
     sent = time.time()
     if to_group:
         os.killpg(run_.proc.pid, sig)
     else:
         run_.proc.send_signal(sig)
-    code, output = run_.finish(timeout=10)
+    code, output = run_.finish(timeout=90)
     assert code == 130, output
-    assert time.time() - sent < 5
+    assert time.time() - sent < 60
     assert_all_gone(pids)
     (model_path,) = (tmp_path / "runs").glob("*/vaco_async_mp.pt")
     checkpoint = torch.load(model_path)
