@@ -8,17 +8,22 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import SPEC_KEYS, flag_error, read_scalars, run_script, start_script, values
+from conftest import SPEC_KEYS, flag_error, read_scalars, run_main, run_script, start_script, values
 
 SCRIPT = "vaco_classic.py"
 LOSS_KEYS = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/tv"]
 
 
-def logged(folder, *args, env=None):
-    """Run the script in `folder` and return what it logged."""
+def logged(folder, *args, monkeypatch=None):
+    """Run the script in `folder` and return what it logged: in its own process, or with `monkeypatch` in this one
+    (no interpreter start-up; the script seeds everything itself, so both give the same run)."""
     folder.mkdir(exist_ok=True)
-    result = run_script(SCRIPT, *args, cwd=folder, env=env)
-    assert result.returncode == 0, result.stderr
+    if monkeypatch is None:
+        result = run_script(SCRIPT, *args, cwd=folder)
+        assert result.returncode == 0, result.stderr
+    else:
+        error, _ = run_main(SCRIPT, *args, cwd=folder, monkeypatch=monkeypatch)
+        assert error is None, error
     return read_scalars(folder / "runs")
 
 
@@ -77,9 +82,12 @@ def test_lag_is_what_the_flag_says(learning_runs):
     assert np.median(values(lagged, "align/tv_behavior")[2:]) > 1e-3
 
 
-def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path):
-    logs = [logged(tmp_path / name, "--seed", seed, "--total-timesteps", 1536, "--policy-lag", 1)
-            for name, seed in [("a", 7), ("b", 7), ("c", 8)]]
+def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path, monkeypatch):
+    """A run of its own process and a run inside this one, at the same seed, log the same losses to the last digit;
+    another seed does not."""
+    logs = [logged(tmp_path / "a", "--seed", 7, "--total-timesteps", 1536, "--policy-lag", 1)]
+    logs += [logged(tmp_path / name, "--seed", seed, "--total-timesteps", 1536, "--policy-lag", 1,
+                    monkeypatch=monkeypatch) for name, seed in [("b", 7), ("c", 8)]]
     for key in LOSS_KEYS:
         np.testing.assert_array_equal(values(logs[0], key), values(logs[1], key))
     assert not np.array_equal(values(logs[0], "losses/value_loss"), values(logs[2], "losses/value_loss"))
@@ -99,25 +107,26 @@ def test_the_thread_count_of_the_machine_does_not_change_a_run(tmp_path):
         np.testing.assert_array_equal(values(logs[0], key), values(logs[1], key), err_msg=key)
 
 
-def test_learner_anchor_is_the_default_without_lag(tmp_path):
+def test_learner_anchor_is_the_default_without_lag(tmp_path, monkeypatch):
     """--tv-anchor learner takes the ratio against pi_T and weights the advantages by min(rho_bar, pi_T / beta). At
     lag 0, pi_T = beta up to the float rounding that separates pi_T's batched log-probs from beta's per-step ones, so
     every logged loss stays within the README's ~1e-5 of the default's (on this machine they are bit-identical), and
     the first iteration, before any update, is the default to the last digit. (That the weight and the anchor are
     exactly the spec's under lag is checked step by step in test_spec_functions.py.)"""
-    runs = {anchor: logged(tmp_path / anchor, "--total-timesteps", 2048, "--tv-anchor", anchor)
-            for anchor in ("behavior", "learner")}
+    runs = {anchor: logged(tmp_path / anchor, "--total-timesteps", 2048, "--tv-anchor", anchor,
+                           monkeypatch=monkeypatch) for anchor in ("behavior", "learner")}
     for key in LOSS_KEYS:
         default, learner = values(runs["behavior"], key), values(runs["learner"], key)
         assert len(default) == 4 and default[0] == learner[0], key
         np.testing.assert_allclose(learner, default, rtol=1e-5, atol=1e-8, err_msg=key)
 
 
-def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path):
-    fixed = logged(tmp_path / "fixed", "--policy-loss", "ppo-kl", "--kl-coef", 0.3, "--total-timesteps", 2560)
+def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path, monkeypatch):
+    fixed = logged(tmp_path / "fixed", "--policy-loss", "ppo-kl", "--kl-coef", 0.3, "--total-timesteps", 2560,
+                   monkeypatch=monkeypatch)
     assert values(fixed, "charts/kl_coef").tolist() == pytest.approx([0.3] * 5)
     adaptive = logged(tmp_path / "adaptive", "--policy-loss", "ppo-kl", "--kl-target", 0.002, "--policy-lag", 2,
-                      "--total-timesteps", 5120)
+                      "--total-timesteps", 5120, monkeypatch=monkeypatch)
     coef, kl = values(adaptive, "charts/kl_coef"), values(adaptive, "losses/approx_kl")
     expected = [0.1]
     for k in kl[:-1]:  # x2 above 1.5 targets, /2 below target / 1.5, from the iteration's mean KL against beta
@@ -126,13 +135,14 @@ def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path):
     assert {0.5, 2.0} <= set(np.round(coef[1:] / coef[:-1], 6)), f"the coefficient should move both ways: {coef}"
 
 
-def test_help_lists_the_vaco_flags(run):
-    result = run(SCRIPT, "--help")
-    assert result.returncode == 0
+def test_help_lists_the_vaco_flags(tmp_path, monkeypatch, capsys):
+    error, _ = run_main(SCRIPT, "--help", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert error.code == 0
+    help_text = capsys.readouterr().out
     for flag in ["--tv-delta", "--rho-bar", "--c-bar", "--realign", "--no-realign", "--policy-loss", "--clip-coef",
                  "--kl-coef", "--kl-target", "--tv-anchor", "ppo-kl", "--policy-lag", "--save-model",
                  "--eval-episodes"]:
-        assert flag in result.stdout, flag
+        assert flag in help_text, flag
 
 
 BAD_FLAGS = [
