@@ -1,4 +1,5 @@
-"""vaco_async_mp.py: its flags, the policy its actors act with, and the asynchronous system run as a user runs it."""
+"""vaco_async_mp.py: its flags, the policy its actors act with, its learner fed in-process rollouts of known lag (the
+measured lag, normalization under lag, ALIGN, FILTER), and the asynchronous system run as a user runs it."""
 import copy
 import inspect
 import math

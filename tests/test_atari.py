@@ -1,6 +1,6 @@
 """vaco_atari.py: its Atari preprocessing, short runs as a user runs them (all logged keys, a loadable model, a critic
-that learns, ppo-kl's coefficient), and a one-line error for every bad flag. compute_vtrace and policy_loss are tested
-in test_spec_functions.py, for every script."""
+that learns, ppo-kl's coefficient), and a one-line error for every bad flag. compute_vtrace and policy_loss, and what
+the training loop feeds them (lag, bootstrap, ALIGN, FILTER), are tested in test_spec_functions.py."""
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2

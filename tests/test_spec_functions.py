@@ -1,4 +1,6 @@
-"""compute_vtrace and policy_loss of every script against independent references written from the spec.
+"""compute_vtrace and policy_loss of every script against independent references written from the spec, and the
+training loops of vaco_classic.py and vaco_atari.py watched step by step: the simulated lag, the truncation bootstrap,
+ALIGN's inputs and FILTER's, recomputed here.
 
 The scripts share no code on purpose, so each one's copy is tested, and the copies must stay textually identical.
 """
