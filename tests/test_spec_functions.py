@@ -281,6 +281,9 @@ def watch_training_loop(script, tmp_path, monkeypatch, *flags):
                          ids=["default", "learner-anchor", "no-realign"])
 def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as_the_spec_says(
         script, flags, tmp_path, monkeypatch):
+    """Five or more iterations at lag 2 with a small delta (so the gate both fires and stays shut): every recorded
+    quantity the loop computed must equal the one recomputed here from the spec, so breaking the lag ring, the
+    bootstrap, ALIGN's inputs, the normalization, the anchor or the learner anchor's weight makes one differ."""
     lag, gamma, lam, tv_delta = 2, 0.99, 0.95, 0.03
     updates, env_steps = watch_training_loop(script, tmp_path, monkeypatch, "--policy-lag", lag, "--tv-delta",
                                              tv_delta, "--learning-rate", 2.5e-3, *flags)
@@ -311,8 +314,8 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
             for i in np.flatnonzero(truncated & ~terminated):
                 with torch.no_grad():
                     expected[i] += gamma * beta.get_value(torch.as_tensor(final_obs[i][None], dtype=torch.float32))[0]
-            terminal_kinds |= {"terminated" for _ in np.flatnonzero(terminated)}
-            terminal_kinds |= {"truncated" for _ in np.flatnonzero(truncated & ~terminated)}
+            terminal_kinds |= ({"terminated"} if terminated.any() else set())
+            terminal_kinds |= ({"truncated"} if (truncated & ~terminated).any() else set())
             torch.testing.assert_close(first["rewards"][t], expected, atol=1e-5, rtol=1e-6)
             assert first["dones"][t].tolist() == (terminated | truncated).astype(float).tolist()
         # ALIGN: V-trace with pi_T and its critic, once per batch (or GAE over beta's values with --no-realign)
