@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import random
-import runpy
 import signal
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_scalars, run_script
+from conftest import ROOT, read_scalars, run_main, run_script
 
 sys.path.insert(0, str(ROOT))
 import vaco_llm_math as llm  # noqa: E402
@@ -80,19 +79,9 @@ def tiny_run_flags(model_dir, *extra):
 
 
 def run_in_process(tmp_path, monkeypatch, *flags):
-    """Run the script as __main__ inside this process, in tmp_path, so that a test can patch what it calls and look
-    at what it leaves; returns (the SystemExit it raised or None, its globals or None)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, flags)])
-    handlers, num_threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
-    try:
-        return None, runpy.run_path(str(ROOT / SCRIPT), run_name="__main__")
-    except SystemExit as e:
-        return e, None
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-        torch.set_num_threads(num_threads)
+    """Run the script as __main__ inside this process, in tmp_path (conftest.run_main), so that a test can patch what
+    it calls and look at what it leaves; returns (the SystemExit it raised or None, its globals or None)."""
+    return run_main(SCRIPT, *flags, cwd=tmp_path, monkeypatch=monkeypatch)
 
 
 def generator_threads():
