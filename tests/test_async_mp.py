@@ -1,11 +1,10 @@
-"""vaco_async_mp.py: its flags, the policy its actors act with, and the asynchronous system run as a user runs it."""
+"""vaco_async_mp.py: its flags, the policy its actors act with, its learner fed in-process rollouts of known lag (the
+measured lag, normalization under lag, ALIGN, FILTER), and the asynchronous system run as a user runs it."""
 import copy
 import inspect
 import math
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -15,11 +14,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-import tyro
-from conftest import ROOT, SPEC_KEYS, read_scalars
+from conftest import SPEC_KEYS, flag_error, read_scalars, record_env_steps, record_updates, start_script, values
 
-sys.path.insert(0, str(ROOT))
-import vaco_async_mp  # noqa: E402
+import vaco_async_mp
 
 # a small fast-learning CartPole configuration shared by the runs below
 SMALL = ["--num-steps", "64", "--learning-rate", "2.5e-3"]
@@ -61,10 +58,7 @@ ASYNC_KEYS = {"charts/policy_lag_max", "charts/behavior_version", "charts/droppe
     ("--env-id Blackjack-v1", "Blackjack-v1 has Tuple(Discrete(32), Discrete(11), Discrete(2)) observations"),
 ])
 def test_a_bad_flag_stops_with_one_line_naming_it(flags, message):
-    with pytest.raises(SystemExit) as stop:
-        vaco_async_mp.check_args(tyro.cli(vaco_async_mp.Args, args=flags.split()))
-    assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
-    assert message in str(stop.value)
+    assert message in flag_error("vaco_async_mp.py", *flags.split())
 
 
 @pytest.mark.parametrize("flags", ["--gamma 1.5", "--env-id Blackjack-v1"])
@@ -127,6 +121,141 @@ def test_an_actor_acts_with_the_statistics_published_with_its_weights():
     assert ((0.7 < new["obs"][..., 0]) & (new["obs"][..., 0] < 2.0)).all()  # raw: Hopper's height, not normalized
 
 
+# ---------------------------------------------------------------- the learner, fed by actors in this process
+
+
+class InProcessActors:
+    """A stand-in for ActorPool in this process: each rollout is collected by the script's collect_rollout with the
+    weights and statistics the learner published `lag` versions ago, the lags taken in turn from a schedule (at most
+    the versions published so far). So the learner sees real rollouts of known lag, deterministically."""
+
+    def __init__(self, args, agent, lags):
+        self.args, self.version, self.restarts, self.lags = args, 0, 0, list(lags)
+        self.published = [copy.deepcopy(agent)]
+        self.envs = gym.vector.SyncVectorEnv([vaco_async_mp.make_env(args.env_id, 0, False, "")],
+                                             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.next_obs, _ = self.envs.reset(seed=args.seed)
+        self.discounted = np.zeros(args.num_envs_per_actor)
+        self.slots = [vaco_async_mp.rollout_buffers(args.num_steps, args.num_envs_per_actor,
+                                                    self.envs.single_observation_space, self.envs.single_action_space)]
+        self.given = []  # (the learner's version when asked, the rollout's version, a copy of the rollout)
+
+    def next_rollout(self):
+        version = self.version - min(self.lags.pop(0), self.version)
+        self.next_obs, episodes = vaco_async_mp.collect_rollout(self.args, self.published[version], self.envs,
+                                                                self.next_obs, self.discounted, self.slots[0])
+        self.given.append((self.version, version, {k: v.clone() for k, v in self.slots[0].items()}))
+        return {"slot": 0, "version": version, "episodes": episodes, "actor_wait_s": 0.0}
+
+    def free(self, slot_id):
+        pass
+
+    def publish(self, agent):
+        self.version += 1
+        self.published.append(copy.deepcopy(agent))
+
+
+class Scalars:
+    """A SummaryWriter that keeps what is logged: {tag: [values]}."""
+
+    def __init__(self):
+        self.logged = {}
+
+    def add_scalar(self, tag, value, step):
+        self.logged.setdefault(tag, []).append(float(value))
+
+
+def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_says(monkeypatch):
+    """train() on Hopper with a short time limit, fed rollouts of known lag (0 to 5 versions) with --max-policy-lag 2,
+    every gradient step watched (conftest.record_updates). Checked against quantities recomputed here:
+    - the measured lag: each batch's logged lag (mean, max), dropped rollouts and behavior version are those of the
+      rollouts it was given, and a rollout more than 2 versions old never enters a batch;
+    - normalization under lag: pi_T's observation statistics are gymnasium's running mean and variance of every raw
+      observation trained on so far, this batch's included, and the rewards are the raw ones scaled by the running
+      std of the discounted rewards, clipped to [-10, 10], with gamma * V_beta(final obs) added after the scaling on
+      a time limit (and V_beta(final obs) is what the actor recorded);
+    - ALIGN: V-trace with pi_T's log-probs and critic (its statistics) on the raw observations;
+    - FILTER: every minibatch's loss on the normalized advantages against beta's recorded log-probs."""
+    from gymnasium.wrappers.utils import RunningMeanStd
+    from test_spec_functions import reference_vtrace, vaco_loss
+
+    make = gym.make
+    monkeypatch.setattr(gym, "make", lambda env_id, **kwargs: make(env_id, **{"max_episode_steps": 30, **kwargs}))
+    monkeypatch.setattr(vaco_async_mp, "stop_requested", False, raising=False)
+    env_steps = record_env_steps(monkeypatch, gym.vector.SyncVectorEnv)
+    updates = record_updates(monkeypatch, ["iteration", "mb_inds", "newlogprob", "pg_loss"],
+                             ["agent", "rewards", "b_obs", "b_actions", "b_logprobs", "b_advantages", "b_returns"])
+    args = vaco_async_mp.Args(env_id="Hopper-v5", num_envs_per_actor=1, num_steps=32, rollouts_per_batch=2,
+                              num_minibatches=2, update_epochs=2, total_timesteps=32 * 2 * 6, max_policy_lag=2,
+                              learning_rate=3e-3, tv_delta=0.05, seed=3)
+    observation_space, action_space = vaco_async_mp.check_args(args)
+    torch.manual_seed(args.seed)
+    agent = vaco_async_mp.Agent(observation_space, action_space)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    batch = vaco_async_mp.rollout_buffers(args.num_steps, 2, observation_space, action_space)
+    actors, writer = InProcessActors(args, agent, [0, 0, 1, 0, 3, 1, 2, 5, 0, 2, 1, 4, 3, 2, 0] + [1] * 20), Scalars()
+    vaco_async_mp.train(args, agent, optimizer, actors, batch, writer)
+
+    # the measured lag and the hard filter
+    iterations = range(6)
+    asked = {i: [(version, rollout) for learner, version, rollout in actors.given if learner == i] for i in iterations}
+    kept = {i: [(version, rollout) for version, rollout in asked[i] if i - version <= 2] for i in iterations}
+    assert all(len(kept[i]) == 2 for i in iterations)
+    lags = {i: [i - version for version, _ in kept[i]] for i in iterations}
+    assert writer.logged["charts/policy_lag"] == pytest.approx([np.mean(lags[i]) for i in iterations])
+    assert writer.logged["charts/policy_lag_max"] == [max(lags[i]) for i in iterations]
+    assert writer.logged["charts/dropped_rollouts"] == [len(asked[i]) - 2 for i in iterations]
+    assert writer.logged["charts/behavior_version"] == pytest.approx([np.mean([v for v, _ in kept[i]])
+                                                                      for i in iterations])
+    assert sum(writer.logged["charts/dropped_rollouts"]) >= 2 and max(writer.logged["charts/policy_lag_max"]) == 2
+
+    # the actor's truncation values: V_beta(final obs) on a time limit, 0 on a real terminal
+    kinds = set()
+    for k, (_, version, rollout) in enumerate(actors.given):
+        for t in range(args.num_steps):
+            _, terminated, truncated, final_obs = env_steps[k * args.num_steps + t]
+            expected = 0.0
+            if truncated[0] and not terminated[0]:
+                with torch.no_grad():
+                    expected = actors.published[version].get_value(torch.as_tensor(final_obs[0][None]).float())[0]
+            kinds |= {"terminated"} if terminated[0] else {"truncated"} if truncated[0] else set()
+            assert rollout["truncation_values"][t, 0].item() == pytest.approx(float(expected), abs=1e-6)
+    assert kinds == {"terminated", "truncated"}
+
+    # normalization under lag, ALIGN, FILTER
+    obs_rms, reward_rms = RunningMeanStd(shape=observation_space.shape), RunningMeanStd(shape=())
+    firsts = {u["iteration"]: u for u in updates if "agent" in u}
+    T, N, gates = args.num_steps, 2, []
+    for i in iterations:
+        first, pi_T = firsts[i + 1], firsts[i + 1]["agent"]
+        columns = {key: torch.cat([rollout[key] for _, rollout in kept[i]], dim=1) for key in kept[i][0][1]}
+        obs_rms.update(columns["obs"][:T].flatten(0, 1).numpy())
+        reward_rms.update(columns["discounted_rewards"].flatten().numpy())
+        torch.testing.assert_close(pi_T.obs_mean.double(), torch.as_tensor(obs_rms.mean), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pi_T.obs_var.double(), torch.as_tensor(obs_rms.var), atol=1e-5, rtol=1e-5)
+        rewards = (columns["rewards"] / float(np.sqrt(reward_rms.var + 1e-8))).clamp(-10, 10)
+        rewards = rewards + args.gamma * columns["truncation_values"]
+        torch.testing.assert_close(first["rewards"], rewards, atol=1e-5, rtol=1e-5)
+        b_obs, b_actions = columns["obs"][:T].flatten(0, 1), columns["actions"].flatten(0, 1)
+        torch.testing.assert_close(first["b_obs"], b_obs)  # raw observations: pi_T applies its own statistics
+        with torch.no_grad():
+            _, lp_T, _, v_T = pi_T.get_action_and_value(b_obs, b_actions)
+            v_T_next = pi_T.get_value(columns["obs"][T])
+        beta_logprobs = columns["logprobs"].flatten()
+        adv, ret = reference_vtrace(rewards.tolist(), v_T.view(T, N).tolist(), v_T_next.tolist(),
+                                    columns["dones"].tolist(), (lp_T - beta_logprobs).view(T, N).tolist(),
+                                    args.gamma, args.gae_lambda, 1.0, 1.0)
+        torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
+        for update in (u for u in updates if u["iteration"] == i + 1):
+            advantages = first["b_advantages"][update["mb_inds"]]
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            loss, gate = vaco_loss(update["newlogprob"], beta_logprobs[update["mb_inds"]], advantages, args.tv_delta)
+            assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
+            gates.append(gate)
+    assert set(gates) == {0.0, 1.0}
+
+
 # ---------------------------------------------------------------- helpers for the runs
 
 
@@ -134,10 +263,7 @@ class Background:
     """The script in the background (its own process group, as a shell job), its output collected line by line."""
 
     def __init__(self, tmp_path, *flags):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "vaco_async_mp.py"), *flags], cwd=tmp_path, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = start_script("vaco_async_mp.py", *flags, cwd=tmp_path, start_new_session=True)
         self.lines = []
         self.reader = threading.Thread(target=self.read)
         self.reader.start()
@@ -202,10 +328,6 @@ def actor_pids(lines):
     return [int(line.rsplit("pid ", 1)[1].rstrip(")\n")) for line in lines if " started (pid " in line]
 
 
-def values(logged, key):
-    return [value for _, value in logged[key]]
-
-
 # ---------------------------------------------------------------- runs
 
 
@@ -253,8 +375,11 @@ def test_hopper_with_the_kl_penalty_logs_returns_lag_and_the_statistics_version(
 
 
 @pytest.mark.slow
-def test_lag_is_real_and_the_hard_filter_drops_old_rollouts(run, tmp_path):
-    """Four actors on two cores with tiny rollouts queue up faster than the learner trains: lag > 0 is measured."""
+def test_lag_is_real_and_never_above_the_hard_filter(run, tmp_path):
+    """Four actors on two cores with tiny rollouts: each actor fills its spare slot while the learner trains, so
+    batches hold rollouts of an older version (lag > 0 is measured), and none older than --max-policy-lag enters a
+    batch. How many are dropped depends on how the machine schedules the processes, so it is not asserted here: the
+    hard filter's count is checked with rollouts of known lag in the in-process learner test above."""
     proc = run("vaco_async_mp.py", "--num-actors", "4", "--num-envs-per-actor", "1", "--num-steps", "16",
                "--rollouts-per-batch", "2", "--num-minibatches", "2", "--max-policy-lag", "1",
                "--total-timesteps", "1600")
@@ -262,7 +387,6 @@ def test_lag_is_real_and_the_hard_filter_drops_old_rollouts(run, tmp_path):
     logged = read_scalars(tmp_path / "runs")
     assert max(values(logged, "charts/policy_lag")) > 0
     assert max(values(logged, "charts/policy_lag_max")) == 1  # never above --max-policy-lag
-    assert sum(values(logged, "charts/dropped_rollouts")) > 0
     assert len(logged["charts/policy_lag"]) == 1600 // 32
 
 
@@ -303,14 +427,17 @@ gym.register("BrokenCartPole-v0", entry_point=BrokenCartPole, max_episode_steps=
 @pytest.mark.slow
 def test_past_the_restart_limit_the_run_stops_with_the_actor_error(run, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(CRASHING_ENV))
+    # --wait-timeout 600: a learner that waited for rollouts from the dead actors instead of stopping would take 10
+    # minutes (the subprocess timeout ends it first); a stop on the third failure takes seconds. The bound between
+    # them is generous so that a busy machine cannot fail it.
     start = time.time()
-    proc = run("vaco_async_mp.py", "--env-id", "BrokenCartPole-v0", "--max-actor-restarts", "2",
-               "--total-timesteps", "5120", timeout=90, env={"PYTHONPATH": str(tmp_path)})
+    proc = run("vaco_async_mp.py", "--env-id", "BrokenCartPole-v0", "--max-actor-restarts", "2", "--wait-timeout", 600,
+               "--total-timesteps", "5120", timeout=300, env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode != 0
     assert "RuntimeError: the test env broke on purpose" in proc.stderr  # the actor's traceback, in the learner
     assert "stopping after 3 actor failures (--max-actor-restarts 2 exhausted)" in proc.stderr
     assert proc.stderr.count("failed: exited with code 1") >= 3
-    assert time.time() - start < 60
+    assert time.time() - start < 240
 
 
 @pytest.mark.slow
@@ -321,14 +448,16 @@ def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_grou
     run_.wait_for(lambda line: line.startswith("step"))
     pids = descendants(run_.proc.pid)
     assert len(pids) >= 3  # two actors and the process server at least
+    # the run asks for 10M steps: one that ignored the signal would go on for hours; one that ends its iteration (of
+    # 256 CartPole steps) stops within a second here. 60 s between them: a busy machine cannot fail it.
     sent = time.time()
     if to_group:
         os.killpg(run_.proc.pid, sig)
     else:
         run_.proc.send_signal(sig)
-    code, output = run_.finish(timeout=10)
+    code, output = run_.finish(timeout=90)
     assert code == 130, output
-    assert time.time() - sent < 5
+    assert time.time() - sent < 60
     assert_all_gone(pids)
     (model_path,) = (tmp_path / "runs").glob("*/vaco_async_mp.pt")
     checkpoint = torch.load(model_path)
@@ -339,22 +468,38 @@ def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_grou
     assert agent.get_value(torch.zeros(1, 4)).shape == (1,)
 
 
-@pytest.mark.slow
-def test_atari_runs_with_the_preprocessing_of_vaco_atari(run, tmp_path):
+def test_atari_ids_get_the_preprocessing_of_vaco_atari():
+    """A score means the same in both scripts: the same emulator settings, the same wrappers with the same settings
+    in the same order, the reward wrapper doing the same to rewards a sign clip changes (its function is a lambda:
+    compared by what it returns, not by its name), and our own wrappers the same text."""
     pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
     import vaco_atari
 
-    def wrappers(env):  # the emulator's settings, then each wrapper with its settings (not the reward's lambda)
+    def wrappers(env):  # the emulator's settings, then each wrapper with its settings (the reward's function apart)
         spec = env.spec
         return spec.kwargs, [(w.name, {k: v for k, v in (w.kwargs or {}).items() if k != "func"})
                              for w in spec.additional_wrappers]
 
-    # the same emulator settings, the same wrappers with the same settings in the same order, our own wrappers the
-    # same text: a score means the same in both scripts
-    assert wrappers(vaco_async_mp.make_env("ALE/Breakout-v5", 0, False, "")()) == \
-        wrappers(vaco_atari.make_env("ALE/Breakout-v5", 0, False, "")())
+    def reward_functions(env):  # what each reward wrapper, innermost first, makes of a few rewards
+        found = []
+        while hasattr(env, "env"):
+            if isinstance(env, gym.wrappers.TransformReward):
+                found.append([env.func(r) for r in (-3.0, -0.5, 0.0, 0.5, 7.0)])
+            env = env.env
+        return found[::-1]
+
+    envs = [script.make_env("ALE/Breakout-v5", 0, False, "")() for script in (vaco_async_mp, vaco_atari)]
+    assert wrappers(envs[0]) == wrappers(envs[1])
+    assert reward_functions(envs[0]) == reward_functions(envs[1]) == [[-1.0, -1.0, 0.0, 1.0, 1.0]]
     for name in ["EpisodicLife", "FireReset"]:
         assert inspect.getsource(getattr(vaco_async_mp, name)) == inspect.getsource(getattr(vaco_atari, name))
+    for env in envs:
+        env.close()
+
+
+@pytest.mark.slow
+def test_atari_runs(run, tmp_path):
+    pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
     proc = run("vaco_async_mp.py", "--env-id", "ALE/Breakout-v5", "--num-actors", "1", "--num-envs-per-actor", "1",
                "--num-steps", "16", "--rollouts-per-batch", "2", "--num-minibatches", "2", "--update-epochs", "1",
                "--total-timesteps", "64")

@@ -1,7 +1,6 @@
 """vaco_atari.py: its Atari preprocessing, short runs as a user runs them (all logged keys, a loadable model, a critic
-that learns, ppo-kl's coefficient), and a one-line error for every bad flag. compute_vtrace and policy_loss are tested
-in test_spec_functions.py, for every script."""
-import sys
+that learns, ppo-kl's coefficient), and a one-line error for every bad flag. compute_vtrace and policy_loss, and what
+the training loop feeds them (lag, bootstrap, ALIGN, FILTER), are tested in test_spec_functions.py."""
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -9,11 +8,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SPEC_KEYS, read_scalars, run_script
+from conftest import SPEC_KEYS, flag_error, read_scalars, run_script, values
 
-sys.path.insert(0, str(ROOT))
-import vaco_atari  # noqa: E402
-from vaco_atari import make_env  # noqa: E402
+import vaco_atari
+from vaco_atari import make_env
 
 SCRIPT = "vaco_atari.py"
 
@@ -102,13 +100,19 @@ def test_life_loss_ends_the_training_episode_but_not_the_game():
 
 def test_episodic_return_is_the_unclipped_score_of_the_whole_game(monkeypatch):
     """Record every action the wrappers send to the emulator during one game, replay them in a bare copy of the
-    game with the same seed, and compare its score with what the wrappers report."""
+    game with the same seed, and compare its score with what the wrappers report. The emulator's rewards are
+    replaced by a stream that a sign clip would change (7 per Breakout point, and -3.5 on every 97th frame), so a
+    clip (or any other change of the rewards) under the episode statistics shows as a different score."""
+    def stream(reward, frame):
+        return 7.0 * reward - (3.5 if frame % 97 == 0 else 0.0)
+
     sent = []
     original_step = vaco_atari.ale_py.env.AtariEnv.step
 
     def recording_step(self, action):
         sent.append(int(action))
-        return original_step(self, action)
+        obs, reward, *rest = original_step(self, action)
+        return obs, stream(reward, len(sent)), *rest
 
     monkeypatch.setattr(vaco_atari.ale_py.env.AtariEnv, "step", recording_step)
     env = make_env("BreakoutNoFrameskip-v4", 0, False, "test")()
@@ -129,17 +133,17 @@ def test_episodic_return_is_the_unclipped_score_of_the_whole_game(monkeypatch):
 
     bare = gym.make("BreakoutNoFrameskip-v4")
     bare.reset(seed=3)
-    score, unclipped = 0.0, []
+    score, points = 0.0, 0.0
     for i, action in enumerate(sent):
         _, reward, terminated, truncated, _ = bare.step(action)
-        score += reward
-        unclipped.append(reward)
+        score += stream(reward, i + 1)
+        points += reward
         assert (terminated or truncated) == (i == len(sent) - 1), "the replayed game must end exactly there"
     bare.close()
-    assert score > 0, "pick a seed whose game scores, or the comparison proves little"
-    assert info["episode"]["r"] == score
+    assert points > 0, "pick a seed whose game scores, or the comparison proves little"
+    assert info["episode"]["r"] == pytest.approx(score, abs=1e-9)
     assert info["episode"]["l"] == len(sent), "the length counts emulator frames, as CleanRL's does"
-    assert all(r in (0.0, 1.0) for r in clipped) and sum(clipped) <= sum(r > 0 for r in unclipped)
+    assert set(clipped) == {-1.0, 0.0, 1.0}, "the agent is trained on the sign of the rewards"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,10 +169,6 @@ def runs(tmp_path_factory):
     for name, result in results.items():
         assert result.returncode == 0, result.stderr
     return {name: (base / name, result.stdout, read_scalars(base / name / "runs")) for name, result in results.items()}
-
-
-def values(scalars, key):
-    return np.array([v for _, v in scalars[key]])
 
 
 @pytest.mark.slow
@@ -252,10 +252,16 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(map(str, args)) for args, _ in BAD_FLAGS])
-def test_bad_flag_stops_with_one_line_before_anything_starts(run, tmp_path, args, message):
+def test_bad_flag_is_refused_with_one_line_naming_it(args, message):
+    """check_args, in-process (tyro parses the flags as the command line does)."""
+    assert message in flag_error(SCRIPT, *args)
+
+
+@pytest.mark.parametrize("args", [["--gamma", 1.5], ["--env-id", "CartPole-v1"]], ids=["range", "not-atari"])
+def test_a_refused_run_prints_one_line_and_creates_nothing(run, tmp_path, args):
+    """End to end: the same line reaches stderr, without a traceback, before the runs/ folder exists."""
     result = run(SCRIPT, *args, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0] == flag_error(SCRIPT, *args), result.stderr
     assert not (tmp_path / "runs").exists(), "nothing should be written before the input is checked"
-

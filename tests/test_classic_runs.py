@@ -1,30 +1,29 @@
 """vaco_classic.py run as a user runs it: logged keys, learning, lag, the loss variants, reproducibility on any thread
 count, saving, bad flags, Ctrl-C."""
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SPEC_KEYS, read_scalars, run_script
+from conftest import SPEC_KEYS, flag_error, read_scalars, run_main, run_script, start_script, values
 
 SCRIPT = "vaco_classic.py"
 LOSS_KEYS = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/tv"]
 
 
-def values(scalars, key):
-    return np.array([v for _, v in scalars[key]])
-
-
-def logged(folder, *args, env=None):
-    """Run the script in `folder` and return what it logged."""
+def logged(folder, *args, monkeypatch=None):
+    """Run the script in `folder` and return what it logged: in its own process, or with `monkeypatch` in this one
+    (no interpreter start-up; the script seeds everything itself, so both give the same run)."""
     folder.mkdir(exist_ok=True)
-    result = run_script(SCRIPT, *args, cwd=folder, env=env)
-    assert result.returncode == 0, result.stderr
+    if monkeypatch is None:
+        result = run_script(SCRIPT, *args, cwd=folder)
+        assert result.returncode == 0, result.stderr
+    else:
+        error, _ = run_main(SCRIPT, *args, cwd=folder, monkeypatch=monkeypatch)
+        assert error is None, error
     return read_scalars(folder / "runs")
 
 
@@ -83,9 +82,12 @@ def test_lag_is_what_the_flag_says(learning_runs):
     assert np.median(values(lagged, "align/tv_behavior")[2:]) > 1e-3
 
 
-def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path):
-    logs = [logged(tmp_path / name, "--seed", seed, "--total-timesteps", 1536, "--policy-lag", 1)
-            for name, seed in [("a", 7), ("b", 7), ("c", 8)]]
+def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path, monkeypatch):
+    """A run of its own process and a run inside this one, at the same seed, log the same losses to the last digit;
+    another seed does not."""
+    logs = [logged(tmp_path / "a", "--seed", 7, "--total-timesteps", 1536, "--policy-lag", 1)]
+    logs += [logged(tmp_path / name, "--seed", seed, "--total-timesteps", 1536, "--policy-lag", 1,
+                    monkeypatch=monkeypatch) for name, seed in [("b", 7), ("c", 8)]]
     for key in LOSS_KEYS:
         np.testing.assert_array_equal(values(logs[0], key), values(logs[1], key))
     assert not np.array_equal(values(logs[0], "losses/value_loss"), values(logs[2], "losses/value_loss"))
@@ -105,27 +107,26 @@ def test_the_thread_count_of_the_machine_does_not_change_a_run(tmp_path):
         np.testing.assert_array_equal(values(logs[0], key), values(logs[1], key), err_msg=key)
 
 
-def test_learner_anchor_is_the_default_without_lag_and_differs_with_lag(tmp_path):
+def test_learner_anchor_is_the_default_without_lag(tmp_path, monkeypatch):
     """--tv-anchor learner takes the ratio against pi_T and weights the advantages by min(rho_bar, pi_T / beta). At
-    lag 0, pi_T = beta: the first iteration is the default to the last digit, and later ones differ only by the float
-    rounding that separates pi_T's batched log-probs from beta's per-step ones (~1e-9). At lag 2 the two differ."""
-    runs = {(anchor, lag): logged(tmp_path / f"{anchor}{lag}", "--total-timesteps", 2048, "--policy-lag", lag,
-                                  "--tv-anchor", anchor) for anchor in ("behavior", "learner") for lag in (0, 2)}
+    lag 0, pi_T = beta up to the float rounding that separates pi_T's batched log-probs from beta's per-step ones, so
+    every logged loss stays within the README's ~1e-5 of the default's (on this machine they are bit-identical), and
+    the first iteration, before any update, is the default to the last digit. (That the weight and the anchor are
+    exactly the spec's under lag is checked step by step in test_spec_functions.py.)"""
+    runs = {anchor: logged(tmp_path / anchor, "--total-timesteps", 2048, "--tv-anchor", anchor,
+                           monkeypatch=monkeypatch) for anchor in ("behavior", "learner")}
     for key in LOSS_KEYS:
-        default, learner = values(runs["behavior", 0], key), values(runs["learner", 0], key)
-        assert default[0] == learner[0], key
-        np.testing.assert_allclose(learner, default, rtol=1e-3, atol=1e-7, err_msg=key)
-    for key in ["losses/policy_loss", "losses/approx_kl", "losses/tv"]:
-        default, learner = values(runs["behavior", 2], key), values(runs["learner", 2], key)
-        assert default[0] == learner[0], "the first iteration has no lag yet"
-        assert (np.abs(learner[1:] - default[1:]) > 1e-2 * np.abs(default[1:])).all(), key
+        default, learner = values(runs["behavior"], key), values(runs["learner"], key)
+        assert len(default) == 4 and default[0] == learner[0], key
+        np.testing.assert_allclose(learner, default, rtol=1e-5, atol=1e-8, err_msg=key)
 
 
-def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path):
-    fixed = logged(tmp_path / "fixed", "--policy-loss", "ppo-kl", "--kl-coef", 0.3, "--total-timesteps", 2560)
+def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path, monkeypatch):
+    fixed = logged(tmp_path / "fixed", "--policy-loss", "ppo-kl", "--kl-coef", 0.3, "--total-timesteps", 2560,
+                   monkeypatch=monkeypatch)
     assert values(fixed, "charts/kl_coef").tolist() == pytest.approx([0.3] * 5)
     adaptive = logged(tmp_path / "adaptive", "--policy-loss", "ppo-kl", "--kl-target", 0.002, "--policy-lag", 2,
-                      "--total-timesteps", 5120)
+                      "--total-timesteps", 5120, monkeypatch=monkeypatch)
     coef, kl = values(adaptive, "charts/kl_coef"), values(adaptive, "losses/approx_kl")
     expected = [0.1]
     for k in kl[:-1]:  # x2 above 1.5 targets, /2 below target / 1.5, from the iteration's mean KL against beta
@@ -134,13 +135,14 @@ def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path):
     assert {0.5, 2.0} <= set(np.round(coef[1:] / coef[:-1], 6)), f"the coefficient should move both ways: {coef}"
 
 
-def test_help_lists_the_vaco_flags(run):
-    result = run(SCRIPT, "--help")
-    assert result.returncode == 0
+def test_help_lists_the_vaco_flags(tmp_path, monkeypatch, capsys):
+    error, _ = run_main(SCRIPT, "--help", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert error.code == 0
+    help_text = capsys.readouterr().out
     for flag in ["--tv-delta", "--rho-bar", "--c-bar", "--realign", "--no-realign", "--policy-loss", "--clip-coef",
                  "--kl-coef", "--kl-target", "--tv-anchor", "ppo-kl", "--policy-lag", "--save-model",
                  "--eval-episodes"]:
-        assert flag in result.stdout, flag
+        assert flag in help_text, flag
 
 
 BAD_FLAGS = [
@@ -173,35 +175,38 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(map(str, args)) for args, _ in BAD_FLAGS])
-def test_bad_flag_stops_with_one_line_before_anything_starts(run, tmp_path, args, message):
+def test_bad_flag_is_refused_with_one_line_naming_it(args, message):
+    """check_args, in-process (tyro parses the flags as the command line does): one 'error: ' line with the flag,
+    its valid range and the value given."""
+    assert message in flag_error(SCRIPT, *args)
+
+
+@pytest.mark.parametrize("args", [["--gamma", 1.5], ["--env-id", "Blackjack-v1"]], ids=["range", "spaces"])
+def test_a_refused_run_prints_one_line_and_creates_nothing(run, tmp_path, args):
+    """End to end: the same line reaches stderr, without a traceback, before the runs/ folder exists."""
     result = run(SCRIPT, *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0] == flag_error(SCRIPT, *args), result.stderr
     assert not (tmp_path / "runs").exists(), "nothing should be written before the input is checked"
 
 
-def test_unsupported_action_space_is_named(tmp_path):
-    code = (
-        "import gymnasium as gym, numpy as np, runpy, sys\n"
-        "class Toy(gym.Env):\n"
-        "    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)\n"
-        "    action_space = gym.spaces.MultiDiscrete([2, 3])\n"
-        "gym.register('MultiDiscreteToy-v0', entry_point=Toy)\n"
-        "sys.argv = ['vaco_classic.py', '--env-id', 'MultiDiscreteToy-v0']\n"
-        f"runpy.run_path({str(ROOT / SCRIPT)!r}, run_name='__main__')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "MultiDiscrete([2 3]) actions; vaco_classic.py takes" in result.stderr.strip().splitlines()[-1]
-    assert "Discrete or Box actions" in result.stderr.strip().splitlines()[-1]
+def test_unsupported_action_space_is_named():
+    class Toy(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+        action_space = gym.spaces.MultiDiscrete([2, 3])
+
+    gym.register("MultiDiscreteToy-v0", entry_point=Toy)
+    try:
+        message = flag_error(SCRIPT, "--env-id", "MultiDiscreteToy-v0")
+    finally:
+        del gym.registry["MultiDiscreteToy-v0"]
+    assert "MultiDiscrete([2 3]) actions; vaco_classic.py takes" in message and "Discrete or Box actions" in message
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stop_signal_keeps_the_logs_and_saves_the_model(tmp_path, sig):
-    proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--save-model", "--total-timesteps", "10000000"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    proc = start_script(SCRIPT, "--save-model", "--total-timesteps", 10_000_000, cwd=tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for the first progress line: training is under way
         if proc.stdout.readline().startswith("step"):

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import random
-import runpy
 import signal
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_scalars, run_script
+from conftest import ROOT, read_scalars, run_main, run_script
 
 sys.path.insert(0, str(ROOT))
 import vaco_llm_math as llm  # noqa: E402
@@ -80,19 +79,9 @@ def tiny_run_flags(model_dir, *extra):
 
 
 def run_in_process(tmp_path, monkeypatch, *flags):
-    """Run the script as __main__ inside this process, in tmp_path, so that a test can patch what it calls and look
-    at what it leaves; returns (the SystemExit it raised or None, its globals or None)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, flags)])
-    handlers, num_threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
-    try:
-        return None, runpy.run_path(str(ROOT / SCRIPT), run_name="__main__")
-    except SystemExit as e:
-        return e, None
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-        torch.set_num_threads(num_threads)
+    """Run the script as __main__ inside this process, in tmp_path (conftest.run_main), so that a test can patch what
+    it calls and look at what it leaves; returns (the SystemExit it raised or None, its globals or None)."""
+    return run_main(SCRIPT, *flags, cwd=tmp_path, monkeypatch=monkeypatch)
 
 
 def generator_threads():
@@ -137,16 +126,19 @@ def test_fast_sampler_matches_a_step_by_step_reference(tiny_model, temperature, 
     assert torch.allclose(fast[1][fast[2]], reference[1][reference[2]], atol=1e-5)
 
 
-def test_sampled_logprobs_match_the_learner_forward(tiny_model):
-    """beta recorded while sampling equals the learner's one-pass log-probs over the valid tokens (fp32)."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_match_the_learner_forward(tiny_model, temperature):
+    """beta recorded while sampling equals the learner's one-pass log-probs over the valid tokens (fp32), at the
+    sampling temperature too: a learner that forgot to divide its logits by it would be off by far more than 1e-5
+    at 0.7 (at temperature 1 the division changes nothing, so that case alone could not see it)."""
     model, tokenizer = load(tiny_model)
     questions = [q["question"] for q in llm.make_synthetic_problems(5, 1)] + ["Hi?"]
     prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, questions, "cpu")
     eos = torch.tensor([tokenizer.eos_token_id])
-    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 12, 1.0, eos, tokenizer.pad_token_id,
-                                              torch.Generator().manual_seed(0))
+    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 12, temperature, eos,
+                                              tokenizer.pad_token_id, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        learner, _ = llm.completion_logprobs(model, prompt_ids, prompt_mask, completions, valid, 1.0)
+        learner, _ = llm.completion_logprobs(model, prompt_ids, prompt_mask, completions, valid, temperature)
     assert torch.allclose(learner, behavior[valid], atol=1e-5)
     for row, ok in zip(completions, valid):  # valid tokens: a prefix that ends at (and includes) the first end token
         n = int(ok.sum())
@@ -190,6 +182,45 @@ def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, m
         assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_group_advantages_are_the_standardized_rewards_of_each_prompt_on_its_valid_tokens(tiny_model, monkeypatch):
+    """update() hands every minibatch the GRPO advantage of each completion, (R - mean of its group) / (std of its
+    group + 1e-6) with the groups being the group_size adjacent completions of one prompt, on each of its valid
+    tokens and no padding, beside that token's behavior log-prob. Every behavior log-prob here names its row and
+    position (-(row + 1) - position / 100), so each advantage the loss receives can be traced back to its completion."""
+    model, _ = load(tiny_model)
+    args = llm.Args(num_prompts=3, group_size=4, num_minibatches=2, update_epochs=2, micro_batch_size=2)
+    rows, width = 12, 5
+    lengths = torch.tensor([5, 1, 3, 4, 2, 5, 5, 1, 2, 3, 4, 5])
+    valid = torch.arange(width)[None] < lengths[:, None]
+    batch = {"prompt_ids": torch.randint(3, 300, (rows, 4), generator=torch.Generator().manual_seed(0)),
+             "prompt_mask": torch.ones(rows, 4, dtype=torch.long),
+             "completions": torch.randint(3, 300, (rows, width), generator=torch.Generator().manual_seed(1)),
+             "valid": valid, "behavior_logprob": -(torch.arange(rows)[:, None] + 1) - torch.arange(width)[None] / 100,
+             "reward": torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0])}
+    rewards = batch["reward"].view(3, 4)
+    expected = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).flatten()
+    assert expected[4:8].abs().max() == 0 and expected[:4].abs().min() > 0.8  # an all-wrong group: no signal
+    received = []
+
+    def recording_gradient(model, micro_batches, behavior_logprob, advantages, args, kl_coef):
+        received.append((behavior_logprob.clone(), advantages.clone()))
+        zeros = torch.zeros_like(behavior_logprob)
+        return torch.tensor(0.0), {"tv": 0.0, "filtered_frac": 0.0, "gate": 0.0}, behavior_logprob, zeros
+
+    monkeypatch.setattr(llm, "minibatch_policy_gradient", recording_gradient)
+    optimizer = torch.optim.AdamW(model.parameters())
+    llm.update(model, optimizer, batch, args, 0.0, torch.Generator().manual_seed(0))
+    assert len(received) == 4  # 2 epochs x 2 minibatches
+    for epoch in (received[:2], received[2:]):
+        tokens = torch.cat([behavior for behavior, _ in epoch])
+        assert sorted(tokens.tolist()) == sorted(batch["behavior_logprob"][valid].tolist())  # each valid token once
+    for behavior, advantages in received:
+        row = (-behavior).floor().long() - 1
+        position = torch.round((-behavior - row - 1) * 100).long()
+        assert (position < lengths[row]).all()  # no padding
+        torch.testing.assert_close(advantages, expected[row], atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- end-to-end runs
 
 
@@ -221,15 +252,41 @@ def test_async_lag_is_one_after_warm_up(synthetic_run):
     assert all(v > 1e-3 for _, v in scalars["align/tv_behavior"][1:])
 
 
-def test_generation_overlaps_training(synthetic_run):
-    """Measured, not assumed: after warm-up a step takes less wall time than generating plus training it."""
-    _, _, scalars = synthetic_run
-    generate, train, step = (np.array([v for _, v in scalars[key]][1:])
-                             for key in ("perf/generate_s", "perf/train_s", "perf/step_s"))
-    hidden = (generate + train - step).sum()  # generation time the learner did not wait for
-    print(f"per step after warm-up: generate {generate.mean():.3f}s, train {train.mean():.3f}s, "
-          f"wall {step.mean():.3f}s; hidden generation {hidden / generate.sum():.0%}")
-    assert hidden > 0.5 * generate.sum(), (generate, train, step)
+@pytest.mark.slow
+@pytest.mark.parametrize("lag", [1, 0])
+def test_generation_overlaps_training(tiny_model, tmp_path, monkeypatch, lag):
+    """With --policy-lag 1 the generator samples the next batch while the learner trains: sampling calls of the
+    generator thread fall inside the learner's updates (from an update's first shuffle to its last gradient step).
+    With --policy-lag 0 it waits for the newest weights, so none ever do. Counted in events, not seconds, so a busy
+    machine cannot flip it (the logged perf/generate_s, perf/train_s and perf/step_s show the same in wall time)."""
+    events, randperm, multinomial, clip = [], torch.randperm, torch.multinomial, torch.nn.utils.clip_grad_norm_
+    main = threading.main_thread()
+
+    def mark(name, original):
+        def marked(*args, **kwargs):
+            events.append((name, threading.current_thread() is main))
+            return original(*args, **kwargs)
+        return marked
+
+    monkeypatch.setattr(torch, "randperm", mark("shuffle", randperm))
+    monkeypatch.setattr(torch, "multinomial", mark("sample", multinomial))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", mark("step", clip))
+    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--total-steps", "6",
+                                                                     "--num-minibatches", "2", "--policy-lag", lag))
+    assert error is None, error
+    assert not any(name == "sample" and in_main for name, in_main in events), "sampling runs in the generator thread"
+    learner = [i for i, (name, in_main) in enumerate(events) if in_main and name in ("shuffle", "step")]
+    assert len(learner) == 6 * 3  # per update: one shuffle (one epoch), two gradient steps (two minibatches)
+    updates = [(learner[3 * k], learner[3 * k + 2]) for k in range(6)]
+    assert all(events[a][0] == "shuffle" and events[b][0] == "step" for a, b in updates)
+    # updates 2 to 5: the first has nothing before it (warm-up), the last nothing after it to sample
+    samples = [sum(events[i][0] == "sample" for i in range(a, b)) for a, b in updates[1:-1]]
+    print(f"sampling calls inside updates 2 to 5 at lag {lag}: {samples}")
+    overlapping = [count > 0 for count in samples]
+    if lag == 0:
+        assert not any(overlapping), overlapping
+    else:
+        assert sum(overlapping) >= 2, overlapping  # measured: all 4, each with a whole batch's 16 sampling calls
 
 
 def test_saved_model_is_the_trained_fp32_model(synthetic_run, tiny_model):
@@ -245,7 +302,8 @@ def test_saved_model_is_the_trained_fp32_model(synthetic_run, tiny_model):
 
 @pytest.fixture(scope="module")
 def lag0_run(tmp_path_factory):
-    """--dataset-path with a chat template, --policy-lag 0 (fp32), --policy-loss ppo-kl with an adaptive coefficient."""
+    """--dataset-path with a chat template, --policy-lag 0 (fp32), --policy-loss ppo-kl with an adaptive coefficient,
+    sampling at --temperature 0.7 (so the learner's log-probs must divide by it too)."""
     cwd = tmp_path_factory.mktemp("lag0")
     template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
@@ -257,14 +315,16 @@ def lag0_run(tmp_path_factory):
     proc = run_script(SCRIPT, "--model-name-or-path", model_dir, "--dataset-path", cwd / "train.jsonl",
                       "--total-steps", "3", "--num-prompts", "2", "--group-size", "4", "--max-new-tokens", "8",
                       "--learning-rate", "1e-2", "--num-minibatches", "2", "--eval-samples", "2", "--policy-lag", "0",
-                      "--micro-batch-size", "2", "--policy-loss", "ppo-kl", "--kl-target", "1.0", cwd=cwd)
+                      "--micro-batch-size", "2", "--policy-loss", "ppo-kl", "--kl-target", "1.0",
+                      "--temperature", "0.7", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return model_dir, read_scalars(cwd)
 
 
 def test_synchronous_fp32_run_is_on_policy_to_rounding(lag0_run):
     """At lag 0 the first minibatch of every step sees pi_T = beta up to an fp32 floor far below any useful delta
-    (bf16 compute measured 3e-5..8e-5 on this model, fp32 1e-7), with the chat template used by both sides."""
+    (bf16 compute measured 3e-5..8e-5 on this model, fp32 1e-7), with the chat template used by both sides and the
+    sampling temperature 0.7 applied by both."""
     model_dir, scalars = lag0_run
     assert not [key for key in DOCUMENTED_KEYS if key not in scalars]
     assert [v for _, v in scalars["charts/policy_lag"]] == [0, 0, 0]

@@ -1,17 +1,18 @@
-"""compute_vtrace and policy_loss of every script against independent references written from the spec.
+"""compute_vtrace and policy_loss of every script against independent references written from the spec, and the
+training loops of vaco_classic.py and vaco_atari.py watched step by step: the simulated lag, the truncation bootstrap,
+ALIGN's inputs and FILTER's, recomputed here.
 
 The scripts share no code on purpose, so each one's copy is tested, and the copies must stay textually identical.
 """
 import importlib
 import inspect
 import math
-import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import record_env_steps, record_updates, run_main
 
-sys.path.insert(0, str(ROOT))
 SCRIPTS_WITH_A_CRITIC = ["vaco_classic", "vaco_atari", "vaco_async_mp"]
 ALL_SCRIPTS = SCRIPTS_WITH_A_CRITIC + ["vaco_llm_math"]  # GRPO-style: policy_loss only
 
@@ -231,3 +232,119 @@ def test_unknown_policy_loss_is_refused(policy_loss):
     with pytest.raises(ValueError, match="unknown policy loss"):
         policy_loss("trpo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1)
 
+
+
+# ---------------------------------------------------------------- the training loops feed them what the spec says
+# Each synchronous script runs a few iterations in this process while every gradient step is watched
+# (conftest.record_updates): the rollout of iteration T must come from the parameters of iteration T - K (the
+# simulated lag), a time limit must add gamma * V_beta(final obs) to the reward and a real terminal must not (the
+# truncation bootstrap), ALIGN must be V-trace on pi_T's log-probs and critic (or GAE on the behavior values with
+# --no-realign), and every minibatch's loss must be FILTER on the normalized advantages against beta (or, with
+# --tv-anchor learner, against pi_T with the advantages weighted by min(rho_bar, pi_T / beta)). Each check is
+# recomputed here from the recorded tensors and a copy of pi_T, with the reference loops above.
+
+LOOP_FLAGS = {  # short time limits (in the id's own steps: Atari frames), so that runs of a few iterations truncate
+    "vaco_classic.py": (30, ["--num-envs", 2, "--num-steps", 64, "--total-timesteps", 640]),
+    "vaco_atari.py": (400, ["--num-envs", 1, "--num-steps", 64, "--total-timesteps", 320, "--num-minibatches", 2,
+                            "--update-epochs", 2]),
+}
+EVERY_STEP = ["iteration", "mb_inds", "newlogprob", "newvalue", "pg_loss", "pg_stats", "v_loss"]
+FIRST_STEP = ["agent", "behavior", "obs", "actions", "logprobs", "rewards", "dones", "values", "next_obs",
+              "b_advantages", "b_returns"]
+
+
+def vaco_loss(newlogprob, anchor_logprob, advantages, tv_delta):
+    """Spec section 3 by hand: the gate on mean|r - 1|, then the mask A (r - 1) <= 0, the mean over all samples."""
+    ratio = (newlogprob - anchor_logprob).exp()
+    gate = (ratio - 1).abs().mean() > tv_delta
+    keep = ~gate | (advantages * (ratio - 1) <= 0)
+    return -(keep * advantages * ratio).mean().item(), float(gate)
+
+
+def watch_training_loop(script, tmp_path, monkeypatch, *flags):
+    """Run `script` in-process with a short time limit; returns (the recorded gradient steps, the env steps)."""
+    import gymnasium as gym
+
+    time_limit, base = LOOP_FLAGS[script]
+    make = gym.make
+    monkeypatch.setattr(gym, "make", lambda env_id, **kwargs: make(env_id, **{"max_episode_steps": time_limit,
+                                                                            **kwargs}))
+    updates = record_updates(monkeypatch, EVERY_STEP, FIRST_STEP)
+    env_steps = record_env_steps(monkeypatch, gym.vector.SyncVectorEnv)
+    error, _ = run_main(script, *base, *flags, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert error is None, error
+    return updates, env_steps
+
+
+@pytest.mark.parametrize("script", LOOP_FLAGS)
+@pytest.mark.parametrize("flags", [[], ["--tv-anchor", "learner"], ["--no-realign"]],
+                         ids=["default", "learner-anchor", "no-realign"])
+def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as_the_spec_says(
+        script, flags, tmp_path, monkeypatch):
+    """Five or more iterations at lag 2 with a small delta (so the gate both fires and stays shut): every recorded
+    quantity the loop computed must equal the one recomputed here from the spec, so breaking the lag ring, the
+    bootstrap, ALIGN's inputs, the normalization, the anchor or the learner anchor's weight makes one differ."""
+    lag, gamma, lam, tv_delta = 2, 0.99, 0.95, 0.03
+    updates, env_steps = watch_training_loop(script, tmp_path, monkeypatch, "--policy-lag", lag, "--tv-delta",
+                                             tv_delta, "--learning-rate", 2.5e-3, *flags)
+    firsts = {u["iteration"]: u for u in updates if "agent" in u}
+    T, N = firsts[1]["rewards"].shape
+    assert sorted(firsts) == list(range(1, len(firsts) + 1)) and len(firsts) >= 5
+    learner_logprobs, gates = {}, []
+    terminal_kinds = set()
+    for iteration, first in firsts.items():
+        pi_T, beta = first["agent"], first["behavior"]
+        # the simulated lag: beta is exactly the learner of iteration max(1, T - K), critic included
+        source = firsts[max(1, iteration - lag)]["agent"].state_dict()
+        assert all(torch.equal(v, source[k]) for k, v in beta.state_dict().items()), iteration
+        b_obs, b_actions = first["obs"].flatten(0, 1), first["actions"].flatten(0, 1)
+        with torch.no_grad():
+            _, beta_logprobs, _, beta_values = beta.get_action_and_value(b_obs, b_actions)
+            _, lp_T, _, v_T = pi_T.get_action_and_value(b_obs, b_actions)
+            v_T_next, beta_next = pi_T.get_value(first["next_obs"]), beta.get_value(first["next_obs"])
+        # beta's log-probs and values are those recorded at rollout time
+        torch.testing.assert_close(first["logprobs"].flatten(), beta_logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first["values"].flatten(), beta_values, atol=1e-5, rtol=1e-5)
+        if iteration > lag:
+            assert (lp_T - beta_logprobs).abs().max() > 1e-3, "with lag, pi_T differs from beta"
+        # the truncation bootstrap: r + gamma V_beta(final obs) on a time limit, r alone on a real terminal
+        for t in range(T):
+            reward, terminated, truncated, final_obs = env_steps[(iteration - 1) * T + t]
+            expected = torch.as_tensor(reward, dtype=torch.float32)
+            for i in np.flatnonzero(truncated & ~terminated):
+                with torch.no_grad():
+                    expected[i] += gamma * beta.get_value(torch.as_tensor(final_obs[i][None], dtype=torch.float32))[0]
+            terminal_kinds |= ({"terminated"} if terminated.any() else set())
+            terminal_kinds |= ({"truncated"} if (truncated & ~terminated).any() else set())
+            torch.testing.assert_close(first["rewards"][t], expected, atol=1e-5, rtol=1e-6)
+            assert first["dones"][t].tolist() == (terminated | truncated).astype(float).tolist()
+        # ALIGN: V-trace with pi_T and its critic, once per batch (or GAE over beta's values with --no-realign)
+        rewards, dones = first["rewards"].double(), first["dones"].double()
+        if "--no-realign" in flags:
+            adv, ret = reference_gae(rewards, first["values"].double(), beta_next.double(), dones, gamma, lam)
+        else:
+            adv, ret = reference_vtrace(rewards.tolist(), v_T.view(T, N).tolist(), v_T_next.tolist(), dones.tolist(),
+                                        (lp_T - beta_logprobs).view(T, N).tolist(), gamma, lam, 1.0, 1.0)
+        torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
+        learner_logprobs[iteration] = (lp_T, beta_logprobs)
+    assert terminal_kinds == {"terminated", "truncated"}, "the run should see both kinds of episode end"
+
+    # FILTER, every minibatch of every epoch: the normalized advantages against beta (or pi_T, weighted)
+    for update in updates:
+        first = firsts[update["iteration"]]
+        lp_T, beta_logprobs = learner_logprobs[update["iteration"]]
+        mb = update["mb_inds"]
+        advantages = first["b_advantages"][mb]
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        anchor = beta_logprobs[mb]
+        if "--tv-anchor" in flags:
+            anchor = lp_T[mb]
+            advantages = advantages * torch.clamp((lp_T - beta_logprobs)[mb].exp(), max=1.0)  # rho_bar = 1
+        loss, gate = vaco_loss(update["newlogprob"], anchor, advantages, tv_delta)
+        assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
+        assert update["pg_stats"]["gate"] == gate
+        gates.append(gate)
+        value_loss = 0.5 * ((update["newvalue"] - first["b_returns"][mb]) ** 2).mean()
+        assert update["v_loss"].item() == pytest.approx(value_loss.item(), rel=1e-5)
+    assert set(gates) == {0.0, 1.0}, "both sides of the gate should be exercised"
