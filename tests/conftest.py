@@ -139,5 +139,5 @@ def run(tmp_path):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a learning run, a real multi-process run or Atari; "
+    config.addinivalue_line("markers", "slow: a learning run, a real multi-process run, Atari or the benchmark runner; "
                                        "`pytest -m 'not slow'` skips them for a fast loop (CI runs everything)")

@@ -22,6 +22,7 @@ def benchmark(tmp_path, *args):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+@pytest.mark.slow  # real runs of the scripts, two at a time
 def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
     args = ["--methods", "vaco", "ppo-noalign", "--lags", "0", "--variants", "default", "tv-delta=0.4,rho-bar=2",
             "--extra", TINY, "--results-dir", str(tmp_path / "results"), "--results-name", "{env}_sweep"]

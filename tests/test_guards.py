@@ -73,8 +73,9 @@ MESSAGE = re.compile(r"error: diverged at step (\d+) \(iteration (\d+)\): (\S.*)
                      r"try a lower --learning-rate \((\S+)\) or --max-grad-norm \(0\.5\)")
 
 
-@pytest.mark.parametrize("script,flags,stop,quantity", DIVERGING,
-                         ids=[f"{s} {' '.join(map(str, f))}" for s, f, _, _ in DIVERGING])
+@pytest.mark.parametrize("script,flags,stop,quantity", [  # the Atari and multi-process cases are slow
+    pytest.param(*case, marks=[pytest.mark.slow] if case[0] != "vaco_classic.py" else [],
+                 id=f"{case[0]} {' '.join(map(str, case[1]))}") for case in DIVERGING])
 def test_a_diverged_run_stops_with_one_line_keeps_its_log_and_saves_no_model(run, tmp_path, script, flags, stop,
                                                                              quantity):
     result = run(script, *TINY[script], *flags, "--save-model", timeout=300)
