@@ -345,14 +345,14 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_model, tmp_path, monk
     (["--update-epochs", "0"], "--update-epochs must be >= 1"),
     (["--policy-lag", "-1"], "--policy-lag must be >= 0"),
     (["--eval-every", "-1"], "--eval-every must be >= 0"),
-    (["--learning-rate", "-1"], "--learning-rate must be > 0 (got -1.0)"),
-    (["--learning-rate", "nan"], "--learning-rate must be > 0 (got nan)"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-    (["--tv-delta", "0"], "--tv-delta must be > 0"),
-    (["--clip-coef", "-0.2"], "--clip-coef must be > 0"),
-    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0"),
-    (["--kl-target", "-1"], "--kl-target must be >= 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be finite and > 0 (got -1.0)"),
+    (["--learning-rate", "nan"], "--learning-rate must be finite and > 0 (got nan)"),
+    (["--temperature", "0"], "--temperature must be finite and > 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be finite and > 0"),
+    (["--tv-delta", "0"], "--tv-delta must be finite and > 0"),
+    (["--clip-coef", "-0.2"], "--clip-coef must be finite and > 0"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be finite and >= 0"),
+    (["--kl-target", "-1"], "--kl-target must be finite and >= 0"),
     (["--synthetic-ops", "+/"], "--synthetic-ops must be a subset of '+-*'"),
     (["--num-prompts", "3", "--group-size", "3"], "--num-minibatches must be a divisor of the batch of"),
     (["--dataset", "gsm9k"], "--dataset must be openai/gsm8k or synthetic"),
@@ -369,7 +369,7 @@ def test_bad_flag_stops_with_one_line_before_anything(tmp_path, monkeypatch, fla
 def test_bad_flag_from_the_command_line_is_one_line_on_stderr(run, tmp_path):
     proc = run(SCRIPT, "--learning-rate", "-1", "--model-name-or-path", "/nonexistent/model", timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == ["error: --learning-rate must be > 0 (got -1.0)"]
+    assert proc.stderr.strip().splitlines() == ["error: --learning-rate must be finite and > 0 (got -1.0)"]
     assert not (tmp_path / "runs").exists()
 
 
@@ -552,3 +552,75 @@ def test_real_pretrained_model_learns_synthetic_addition(run, tmp_path):
     accuracy = [v for _, v in read_scalars(tmp_path)["eval/accuracy"]]
     print(f"greedy accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}")
     assert accuracy[-1] >= accuracy[0] + 0.3
+
+
+# ---------------------------------------------------------------- numerical floor, non-finite flags, divergence
+
+
+@pytest.mark.parametrize("dtype, tv_delta, warned", [("bfloat16", "1e-4", True), ("float32", "0.05", False)])
+def test_step_one_prints_the_numerical_floor_against_delta_in_l1(tiny_model, tmp_path, monkeypatch, capsys, dtype,
+                                                                  tv_delta, warned):
+    """Step 1 samples and learns with the same weights: 2 x align/tv_behavior is the --dtype floor in the unit of
+    --tv-delta (mean|pi_T/beta - 1|); printed once, logged once, and warned about when over --tv-delta / 10 (bf16
+    measured an L1 of 6e-5..2e-4 on this model, fp32 ~2e-7)."""
+    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
+        tiny_model, "--dtype", dtype, "--tv-delta", tv_delta, "--total-steps", "2", "--eval-samples", "0"))
+    assert error is None, error
+    out = capsys.readouterr().out
+    scalars = read_scalars(tmp_path)
+    (step, floor), = scalars["align/numerical_floor"]
+    assert step == 1 and floor == pytest.approx(2 * scalars["align/tv_behavior"][0][1], rel=1e-6)
+    lines = [line for line in out.splitlines() if "numerical floor" in line]
+    assert lines == [f"numerical floor of --dtype {dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "
+                     f"align/tv_behavior) against --tv-delta {float(tv_delta):g} (L1)"]
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert (floor > float(tv_delta) / 10) == warned
+    assert warnings == ["warning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; "
+                        "use --dtype float32 or a larger --tv-delta"] * warned
+
+
+FLOAT_FLAGS = {"learning_rate": "> 0", "temperature": "> 0", "max_grad_norm": "> 0", "tv_delta": "> 0",
+               "clip_coef": "> 0", "kl_coef": ">= 0", "kl_target": ">= 0"}
+
+
+def test_every_float_flag_is_in_the_table():
+    assert {name for name, kind in llm.Args.__annotations__.items() if kind is float} == set(FLOAT_FLAGS)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+def test_non_finite_float_flag_is_one_line_naming_it(flag, value):
+    from conftest import flag_error
+
+    name = "--" + flag.replace("_", "-")
+    assert flag_error(SCRIPT, name, value) == f"error: {name} must be finite and {FLOAT_FLAGS[flag]} (got {value})"
+
+
+@pytest.mark.parametrize("learning_rate, step, quantity", [
+    ("1e30", 2, "losses/policy_loss"),  # weights of ~1e30 after step 1: the forward pass of step 2 overflows
+    ("1e-3", 1, "parameter model.norm.weight"),  # a weight made inf by the optimizer step (patched below)
+])
+def test_a_diverging_run_stops_with_one_line_unsaved_with_closed_logs(tiny_model, tmp_path, monkeypatch,
+                                                                       learning_rate, step, quantity):
+    """A diverging run, one minibatch a step (step 1's loss is computed at the initial weights): it stops at the end
+    of the first step with a non-finite loss or weight, before those weights reach the generator; one line names
+    the step, the quantity and what to try; nothing is saved, the logs of the steps before are readable and no
+    generator thread is left."""
+    optimizer_step = torch.optim.AdamW.step
+
+    def step_to_inf(self, *args, **kwargs):
+        result = optimizer_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][-1].view(-1)[0] = float("inf")  # the last parameter: the final norm
+        return result
+
+    if quantity.startswith("parameter"):
+        monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
+    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
+        tiny_model, "--learning-rate", learning_rate, "--num-minibatches", "1", "--total-steps", "5", "--save-model",
+        "--eval-samples", "0"))
+    assert str(error.code) == (f"error: diverged at step {step}: {quantity} is not finite; try a smaller "
+                               "--learning-rate or --max-grad-norm")
+    assert [s for s, _ in read_scalars(tmp_path).get("charts/reward_mean", [])] == list(range(1, step))
+    assert not (next((tmp_path / "runs").iterdir()) / "model").exists()
+    assert not generator_threads()
