@@ -575,12 +575,14 @@ def test_real_pretrained_model_learns_synthetic_addition(run, tmp_path):
 # ---------------------------------------------------------------- numerical floor, non-finite flags, divergence
 
 
-@pytest.mark.parametrize("dtype, tv_delta, warned", [("bfloat16", "1e-4", True), ("float32", "0.05", False)])
+@pytest.mark.parametrize("dtype, tv_delta, warned", [
+    ("bfloat16", "5e-4", True), ("float32", "5e-4", False), ("float32", "0.05", False)])
 def test_step_one_prints_the_numerical_floor_against_delta_in_l1(tiny_model, tmp_path, monkeypatch, capsys, dtype,
                                                                   tv_delta, warned):
     """Step 1 samples and learns with the same weights: 2 x align/tv_behavior is the --dtype floor in the unit of
-    --tv-delta (mean|pi_T/beta - 1|); printed once, logged once, and warned about when over --tv-delta / 10 (bf16
-    measured an L1 of 6e-5..2e-4 on this model, fp32 ~2e-7)."""
+    --tv-delta (mean|pi_T/beta - 1|); printed once, logged once, and warned about when over --tv-delta / 10. On this
+    model bf16 measured an L1 of 1.3e-4..1.6e-4 (seeds 1-3), between delta / 10 and delta for delta = 5e-4, and fp32
+    2e-7."""
     error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
         tiny_model, "--dtype", dtype, "--tv-delta", tv_delta, "--total-steps", "2", "--eval-samples", "0"))
     assert error is None, error
