@@ -51,7 +51,7 @@ class Args:
     """a Hugging Face hub id or a local model folder, loaded in fp32 (the master weights)"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute precision of sampling and of the learner's forward pass: bfloat16 is autocast over the fp32 weights
-    (faster on big models, but pi_T / beta at lag 0 is then 1 only to ~1e-2, which the filter reads as lag)"""
+    (faster on big models, but its lag-0 floor, L1 mean|pi_T/beta - 1|, is ~3e-2: over half the default --tv-delta)"""
     compile_decode: bool = False
     """on CUDA in float32: compile sampling's one-token decode step (CUDA graphs); not yet run on a GPU, so opt-in"""
     gradient_checkpointing: bool = False
@@ -93,7 +93,7 @@ class Args:
     policy_loss: Literal["vaco", "ppo", "spo", "ppo-kl"] = "vaco"
     """the policy loss: `vaco` (TV filter), or the `ppo` (clipped, token-level GRPO), `spo` and `ppo-kl` baselines"""
     tv_delta: float = 0.05
-    """FILTER: bound on a minibatch's sampled mean|pi/beta - 1| (= 2 TV); 0.05 from this script's own sweep (README)"""
+    """FILTER: bound on a minibatch's sampled L1 mean|pi/beta - 1| (2x the logged TV); 0.05 from this script's sweep"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient of `ppo`, and the penalty scale of `spo`"""
     kl_coef: float = 0.1
@@ -134,7 +134,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
         logits = forward(input_ids=ids, attention_mask=mask, position_ids=ids_positions, past_key_values=cache,
                          logits_to_keep=1).logits[:, -1]
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = logp.argmax(-1) if generator is None else torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        token = logp.argmax(-1) if generator is None else torch.multinomial(  # diverged weights: NaN log-probs go on
+            logp.exp().nan_to_num(1.0), 1, generator=generator)[:, 0]  # to the learner, which stops the run
         tokens[:, t] = token.masked_fill(done, pad_id)
         logprobs[:, t] = logp.gather(-1, token[:, None])[:, 0]
         valid[:, t] = ~done
@@ -533,9 +534,7 @@ if __name__ == "__main__":
     generator.start()
 
     # start
-    step = 0
-    start_time = time.time()
-    stop_requested = False
+    step, start_time, stop_requested = 0, time.time(), False
 
     def request_stop(signum, frame):
         """Ctrl-C or SIGTERM: finish the current step, then save and close the logs; a second Ctrl-C aborts."""

@@ -616,16 +616,18 @@ def test_non_finite_float_flag_is_one_line_naming_it(flag, value):
     assert flag_error(SCRIPT, name, value) == f"error: {name} must be finite and {FLOAT_FLAGS[flag]} (got {value})"
 
 
-@pytest.mark.parametrize("learning_rate, step, quantity", [
-    ("1e30", 2, "losses/policy_loss"),  # weights of ~1e30 after step 1: the forward pass of step 2 overflows
-    ("1e-3", 1, "parameter model.norm.weight"),  # a weight made inf by the optimizer step (patched below)
+@pytest.mark.parametrize("learning_rate, lag, step, quantity", [
+    ("1e30", "1", 2, "losses/policy_loss"),  # weights of ~1e30 after step 1: the forward pass of step 2 overflows
+    ("1e30", "0", 2, "losses/policy_loss"),  # the same, and the sampler meets those weights first
+    ("1e-3", "1", 1, "parameter model.norm.weight"),  # a weight made inf by the optimizer step (patched below)
 ])
 def test_a_diverging_run_stops_with_one_line_unsaved_with_closed_logs(tiny_model, tmp_path, monkeypatch,
-                                                                       learning_rate, step, quantity):
+                                                                       learning_rate, lag, step, quantity):
     """A diverging run, one minibatch a step (step 1's loss is computed at the initial weights): it stops at the end
     of the first step with a non-finite loss or weight, before those weights reach the generator; one line names
     the step, the quantity and what to try; nothing is saved, the logs of the steps before are readable and no
-    generator thread is left."""
+    generator thread is left. At lag 0 the sampler uses the diverged weights before the learner does: it goes on
+    (no error from torch.multinomial) and the learner's check names the loss."""
     optimizer_step = torch.optim.AdamW.step
 
     def step_to_inf(self, *args, **kwargs):
@@ -637,8 +639,8 @@ def test_a_diverging_run_stops_with_one_line_unsaved_with_closed_logs(tiny_model
     if quantity.startswith("parameter"):
         monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
     error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
-        tiny_model, "--learning-rate", learning_rate, "--num-minibatches", "1", "--total-steps", "5", "--save-model",
-        "--eval-samples", "0"))
+        tiny_model, "--learning-rate", learning_rate, "--policy-lag", lag, "--num-minibatches", "1", "--total-steps",
+        "5", "--save-model", "--eval-samples", "0"))
     assert str(error.code) == (f"error: diverged at step {step}: {quantity} is not finite; try a smaller "
                                "--learning-rate or --max-grad-norm")
     assert [s for s, _ in read_scalars(tmp_path).get("charts/reward_mean", [])] == list(range(1, step))
