@@ -109,7 +109,7 @@ class Args:
     """a Hugging Face hub id or a local model folder, loaded in fp32 (the master weights)"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute precision of sampling and of the learner's forward pass: bfloat16 is autocast over the fp32 weights
-    (faster on big models, but pi_T / beta at lag 0 is then 1 only to ~1e-2, which the filter reads as lag)"""
+    (faster on big models, but its lag-0 floor, L1 mean|pi_T/beta - 1|, is ~3e-2: over half the default --tv-delta)"""
     compile_decode: bool = False
     """on CUDA in float32: compile sampling's one-token decode step (CUDA graphs); not yet run on a GPU, so opt-in"""
     gradient_checkpointing: bool = False
@@ -151,7 +151,7 @@ class Args:
     policy_loss: Literal["vaco", "ppo", "spo", "ppo-kl"] = "vaco"
     """the policy loss: `vaco` (TV filter), or the `ppo` (clipped, token-level GRPO), `spo` and `ppo-kl` baselines"""
     tv_delta: float = 0.05
-    """FILTER: bound on a minibatch's sampled mean|pi/beta - 1| (= 2 TV); 0.05 from this script's own sweep (README)"""
+    """FILTER: bound on a minibatch's sampled L1 mean|pi/beta - 1| (2x the logged TV); 0.05 from this script's sweep"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient of `ppo`, and the penalty scale of `spo`"""
     kl_coef: float = 0.1
@@ -169,8 +169,7 @@ class Args:
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, generator=None,
-           compile=False):
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, generator=None, compile=False):
     """Sample completions, recording the log-prob of each sampled token under the sampling distribution (beta);
     generator=None decodes greedily. No host synchronization but one check every 16 tokens whether every row has
     ended; in fp32 a static KV cache, and with compile=True on CUDA the one-token decode step compiled. Returns
@@ -193,7 +192,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
         logits = forward(input_ids=ids, attention_mask=mask, position_ids=ids_positions, past_key_values=cache,
                          logits_to_keep=1).logits[:, -1]
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = logp.argmax(-1) if generator is None else torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        token = logp.argmax(-1) if generator is None else torch.multinomial(  # diverged weights: NaN log-probs go on
+            logp.exp().nan_to_num(1.0), 1, generator=generator)[:, 0]  # to the learner, which stops the run
         tokens[:, t] = token.masked_fill(done, pad_id)
         logprobs[:, t] = logp.gather(-1, token[:, None])[:, 0]
         valid[:, t] = ~done
@@ -225,8 +225,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completions, valid, temp
     hidden = hidden[:, prompt_ids.shape[1] - 1 : -1][valid]  # the states that predict the valid completion tokens
     chunks = [checkpoint(head_logprobs, model.get_output_embeddings(), h, y, temperature, use_reentrant=False)
               for h, y in zip(hidden.split(LOGIT_CHUNK), completions[valid].split(LOGIT_CHUNK))]
-    logprob, entropy = (torch.cat(part) for part in zip(*chunks))
-    return logprob, entropy
+    return tuple(torch.cat(part) for part in zip(*chunks))  # log-probs, entropies
 
 
 def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef, kl_coef):
@@ -333,8 +332,7 @@ def update(model, optimizer, batch, args, kl_coef, shuffler):
                 "losses/approx_kl": ((logratio.exp() - 1) - logratio).mean().item(),
                 "losses/clipfrac": ((logratio.exp() - 1).abs() > args.clip_coef).float().mean().item(),
                 "losses/tv": pg_stats["tv"], "losses/filtered_frac": pg_stats["filtered_frac"],
-                "losses/filter_gate_frac": pg_stats["gate"],
-            })
+                "losses/filter_gate_frac": pg_stats["gate"]})
     logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
     return logged | {"align/tv_behavior": minibatch_stats[0]["losses/tv"]}  # first minibatch: pi_theta is still pi_T
 
@@ -517,10 +515,12 @@ def check_args(args):
     for flag, low in (("total_steps", 1), ("num_prompts", 1), ("group_size", 2), ("max_new_tokens", 1),
                       ("generation_batch_size", 1), ("num_minibatches", 1), ("update_epochs", 1),
                       ("micro_batch_size", 1), ("synthetic_max_number", 1), ("policy_lag", 0), ("eval_samples", 0),
-                      ("eval_every", 0), ("kl_coef", 0), ("kl_target", 0)):
+                      ("eval_every", 0)):
         require(vars(args)[flag] >= low, flag, f">= {low}")
-    for flag in ("learning_rate", "temperature", "max_grad_norm", "tv_delta", "clip_coef"):
-        require(vars(args)[flag] > 0, flag, "> 0")
+    for flag in ("learning_rate", "temperature", "max_grad_norm", "tv_delta", "clip_coef", "kl_coef", "kl_target"):
+        value, zero_ok = vars(args)[flag], flag in ("kl_coef", "kl_target")  # every float flag must be finite
+        require(np.isfinite(value) and (value >= 0 if zero_ok else value > 0), flag,
+                f"finite and {'>=' if zero_ok else '>'} 0")
     require(args.synthetic_ops and set(args.synthetic_ops) <= set("+-*"), "synthetic_ops", "a subset of '+-*'")
     require(args.num_prompts * args.group_size % args.num_minibatches == 0, "num_minibatches",
             f"a divisor of the batch of --num-prompts x --group-size = {args.num_prompts * args.group_size}")
@@ -592,9 +592,7 @@ if __name__ == "__main__":
     generator.start()
 
     # start
-    step = 0
-    start_time = time.time()
-    stop_requested = False
+    step, start_time, stop_requested = 0, time.time(), False
 
     def request_stop(signum, frame):
         """Ctrl-C or SIGTERM: finish the current step, then save and close the logs; a second Ctrl-C aborts."""
@@ -627,6 +625,18 @@ if __name__ == "__main__":
                 raise batch
             train_start = time.time()
             logged = update(model, optimizer, batch, args, kl_coef, shuffler)
+            finite = torch.stack([p.isfinite().all() for p in model.parameters()]).tolist()  # one host sync a step
+            diverged = [k for k, v in logged.items() if not np.isfinite(v)] + [
+                f"parameter {name}" for (name, _), ok in zip(model.named_parameters(), finite) if not ok]
+            if diverged:  # before the weights reach the generator; the logs close, the model is not saved
+                raise SystemExit(f"error: diverged at step {step}: {diverged[0]} is not finite; try a smaller "
+                                 "--learning-rate or --max-grad-norm")
+            if step == 1:  # both threads held the same weights: pi_T / beta differs from 1 by rounding only
+                logged["align/numerical_floor"] = floor = 2 * logged["align/tv_behavior"]  # L1, the unit of delta
+                print(f"numerical floor of --dtype {args.dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "
+                      f"align/tv_behavior) against --tv-delta {args.tv_delta:g} (L1)" + (
+                      "\nwarning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; use "
+                      "--dtype float32 or a larger --tv-delta" if floor > args.tv_delta / 10 else ""), flush=True)
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version `step`
             if device.type == "cuda":  # the generator reads it on its own stream: finish the copy first
                 torch.cuda.current_stream().synchronize()
@@ -641,8 +651,7 @@ if __name__ == "__main__":
                 "charts/format_rate": batch["format"].mean().item(), "perf/train_s": train_s, "perf/step_s": step_s,
                 "charts/response_length": num_tokens / len(batch["valid"]), "perf/generate_s": batch["generate_s"],
                 "perf/generate_tokens_per_s": num_tokens / batch["generate_s"], "perf/wait_s": train_start - step_start,
-                "perf/tokens_per_s": num_tokens / step_s, "charts/learning_rate": optimizer.param_groups[0]["lr"],
-            })
+                "perf/tokens_per_s": num_tokens / step_s, "charts/learning_rate": optimizer.param_groups[0]["lr"]})
             for key, value in logged.items():
                 writer.add_scalar(key, value, step)
             kl_coef = adapt_kl_coef(kl_coef, logged["losses/approx_kl"], args.kl_target)  # fixed if kl_target = 0
