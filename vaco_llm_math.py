@@ -629,8 +629,9 @@ if __name__ == "__main__":
             diverged = [k for k, v in logged.items() if not np.isfinite(v)] + [
                 f"parameter {name}" for (name, _), ok in zip(model.named_parameters(), finite) if not ok]
             if diverged:  # before the weights reach the generator; the logs close, the model is not saved
-                raise SystemExit(f"error: diverged at step {step}: {diverged[0]} is not finite; try a smaller "
-                                 "--learning-rate or --max-grad-norm")
+                raise SystemExit(f"error: diverged at step {step}: {diverged[0]} is not finite; try a lower "
+                                 f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm "
+                                 f"({args.max_grad_norm:g})")
             if step == 1:  # both threads held the same weights: pi_T / beta differs from 1 by rounding only
                 logged["align/numerical_floor"] = floor = 2 * logged["align/tv_behavior"]  # L1, the unit of delta
                 print(f"numerical floor of --dtype {args.dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "

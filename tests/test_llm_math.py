@@ -703,8 +703,8 @@ def test_a_diverging_run_stops_with_one_line_unsaved_with_closed_logs(tiny_model
     error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
         tiny_model, "--learning-rate", learning_rate, "--policy-lag", lag, "--num-minibatches", "1", "--total-steps",
         "5", "--save-model", "--eval-samples", "0"))
-    assert str(error.code) == (f"error: diverged at step {step}: {quantity} is not finite; try a smaller "
-                               "--learning-rate or --max-grad-norm")
+    assert str(error.code) == (f"error: diverged at step {step}: {quantity} is not finite; try a lower "
+                               f"--learning-rate ({float(learning_rate):g}) or --max-grad-norm (1)")
     assert [s for s, _ in read_scalars(tmp_path).get("charts/reward_mean", [])] == list(range(1, step))
     assert not (next((tmp_path / "runs").iterdir()) / "model").exists()
     assert not generator_threads()
