@@ -55,6 +55,10 @@ METHODS = {  # name -> extra flags of vaco_classic.py
 }
 
 
+GATE_KEYS = {"closed": "losses/filter_gate_frac", "dropped": "losses/filtered_frac", "tv_behavior": "align/tv_behavior",
+             "tv": "losses/tv", "tv_delta": "charts/tv_delta"}
+
+
 def summarize(run_dir, total_steps):
     scalars = read_scalars(run_dir)  # {tag: [(step, value), ...]}
 
@@ -70,8 +74,12 @@ def summarize(run_dir, total_steps):
     auc = np.trapezoid(returns, steps) / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
     lag = {"mean": float(lags.mean()), "max": float(max(lags.max(), lag_max.max(initial=0))),
            "q10_50_90": [float(q) for q in np.quantile(lags, [0.1, 0.5, 0.9])]} if len(lags) else None
+    # what the filter did, averaged over the iterations: share of minibatches with the gate closed, share of samples
+    # dropped, the backward lag 0.5 mean|pi_T/beta - 1|, the forward move 0.5 mean|r - 1| and the bound in use
+    gate = {name: float(series(key)[1].mean()) for name, key in GATE_KEYS.items() if len(series(key)[1])}
     return {"final": float(returns[last].mean()) if last.any() else float("nan"), "auc": float(auc),
-            "sps": float(sps[-1]) if len(sps) else float("nan"), "episodes": int(len(returns)), "lag": lag}
+            "sps": float(sps[-1]) if len(sps) else float("nan"), "episodes": int(len(returns)), "lag": lag,
+            "gate": gate}
 
 
 def variant_flags(variant):
