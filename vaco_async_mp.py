@@ -158,6 +158,8 @@ class Args:
     """the policy loss: `vaco` (TV filter), or the baselines `ppo` (clipped), `spo` and `ppo-kl` (KL penalty)"""
     tv_delta: float = 0.2
     """FILTER: trust-region bound on the sampled L1 distance mean|pi/beta - 1| (= 2 TV) of a minibatch"""
+    tv_delta_rule: Literal["fixed", "forward"] = "fixed"
+    """`forward` (ours, not the paper's): the bound is --tv-delta + the batch's lag mean|pi_T/beta - 1|, every batch"""
     realign: bool = True
     """ALIGN: recompute advantages with V-trace from the latest critic and policy (off: GAE on rollout values)"""
     rho_bar: float = 1.0
@@ -305,8 +307,7 @@ class Agent(nn.Module):
         hidden = self.features(x)
         out = self.actor(hidden)
         dist = Normal(out, self.actor_logstd.expand_as(out).exp()) if self.continuous else Categorical(logits=out)
-        if action is None:
-            action = dist.sample()
+        action = dist.sample() if action is None else action
         logprob, entropy = dist.log_prob(action), dist.entropy()
         if self.continuous:  # independent action dimensions
             logprob, entropy = logprob.sum(-1), entropy.sum(-1)
@@ -369,6 +370,13 @@ def adapt_kl_coef(kl_coef, kl, kl_target):
     if kl_target > 0 and kl < kl_target / 1.5:
         return kl_coef / 2
     return kl_coef
+
+
+def adapt_tv_delta(tv_delta, anchor_rhos, rule):
+    # The bound that policy_loss gets, once per batch (ours, not the paper's; README: "Choosing delta"). `fixed` keeps
+    # tv_delta. `forward` adds the batch's backward lag mean|pi_T/anchor - 1|: the gate then bounds only the move this
+    # batch adds to the lag. It equals `fixed` without lag, and for the learner anchor (anchor = pi_T).
+    return tv_delta + (anchor_rhos - 1).abs().mean().item() if rule == "forward" else tv_delta
 
 
 def rollout_buffers(T, n, observation_space, action_space):
@@ -633,6 +641,7 @@ def train(args, agent, optimizer, actors, batch, writer):
             advantages, returns = compute_vtrace(rewards, b_values.view(T, N), bootstrap, batch["dones"], log_rhos,
                                                  args.gamma, args.gae_lambda, args.rho_bar, args.c_bar)
             b_advantages, b_returns = advantages.flatten(), returns.flatten()
+            tv_delta = adapt_tv_delta(args.tv_delta, b_rhos, args.tv_delta_rule)
 
         # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
         minibatch_stats = []
@@ -646,7 +655,7 @@ def train(args, agent, optimizer, actors, batch, writer):
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
                 pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
-                                                args.tv_delta, args.clip_coef, args.kl_coef)
+                                                tv_delta, args.clip_coef, args.kl_coef)
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -690,7 +699,7 @@ def train(args, agent, optimizer, actors, batch, writer):
                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "perf/learner_wait_s": learner_wait,
                        "charts/SPS": int(global_step / (time.time() - start_time)), "charts/policy_lag": np.mean(lags),
                        "charts/policy_lag_max": max(lags), "align/rho_mean": b_rhos.mean().item(),
-                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
+                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(), "charts/tv_delta": tv_delta,
                        "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item(),
                        "charts/behavior_version": np.mean([rollout["version"] for rollout in rollouts]),
                        "charts/dropped_rollouts": dropped, "charts/actor_restarts": actors.restarts,

@@ -82,6 +82,8 @@ class Args:
     """the policy loss: `vaco` (TV filter), or the baselines `ppo` (clipped), `spo` and `ppo-kl` (KL penalty)"""
     tv_delta: float = 0.2
     """FILTER: trust-region bound on the sampled L1 distance mean|pi/beta - 1| (= 2 TV) of a minibatch"""
+    tv_delta_rule: Literal["fixed", "forward"] = "fixed"
+    """`forward` (ours, not the paper's): the bound is --tv-delta + the batch's lag mean|pi_T/beta - 1|, every batch"""
     realign: bool = True
     """ALIGN: recompute advantages with V-trace from the latest critic and policy (off: GAE on rollout values)"""
     rho_bar: float = 1.0
@@ -156,8 +158,8 @@ def make_env(env_id, idx, capture_video, run_name):
     return thunk
 
 
+# Orthogonal weights of gain `std` and a constant bias, the usual initialization of PPO networks.
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
-    """Orthogonal weights of gain `std` and a constant bias, the usual initialization of PPO networks."""
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
@@ -183,8 +185,7 @@ class Agent(nn.Module):
     def get_action_and_value(self, x, action=None):
         hidden = self.network(x / 255.0)  # one pass of the trunk for both heads
         dist = Categorical(logits=self.actor(hidden))
-        if action is None:
-            action = dist.sample()
+        action = dist.sample() if action is None else action
         logprob, entropy = dist.log_prob(action), dist.entropy()
         return action, logprob, entropy, self.critic(hidden).squeeze(-1)
 
@@ -247,8 +248,15 @@ def adapt_kl_coef(kl_coef, kl, kl_target):
     return kl_coef
 
 
+def adapt_tv_delta(tv_delta, anchor_rhos, rule):
+    # The bound that policy_loss gets, once per batch (ours, not the paper's; README: "Choosing delta"). `fixed` keeps
+    # tv_delta. `forward` adds the batch's backward lag mean|pi_T/anchor - 1|: the gate then bounds only the move this
+    # batch adds to the lag. It equals `fixed` without lag, and for the learner anchor (anchor = pi_T).
+    return tv_delta + (anchor_rhos - 1).abs().mean().item() if rule == "forward" else tv_delta
+
+
+# The returns of --eval-episodes greedy episodes (the mode of the action distribution) of the saved model.
 def evaluate(model_path, args, run_name, device):
-    """The returns of --eval-episodes greedy episodes (the mode of the action distribution) of the saved model."""
     checkpoint = torch.load(model_path, map_location=device)
     env = make_env(args.env_id, 0, args.capture_video, f"{run_name}-eval")()
     agent = Agent(env.observation_space, env.action_space).to(device)
@@ -267,8 +275,8 @@ def evaluate(model_path, args, run_name, device):
     return episodic_returns
 
 
+# Stop with one line naming the flag, its value and its valid range, before anything is created.
 def check_args(args):
-    """Stop with one line naming the flag, its value and its valid range, before anything is created."""
     given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
     batch = args.num_envs * args.num_steps
     rules = [(f, np.isfinite(value), "a finite number") for f, value in given.items() if isinstance(value, float)]
@@ -326,8 +334,7 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    flag_table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|flag|value|\n|-|-|\n{flag_table}")
+    writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -401,6 +408,8 @@ if __name__ == "__main__":
             advantages, returns = compute_vtrace(rewards, b_values.view(T, N), critic.get_value(next_obs), dones,
                                                  log_rhos, args.gamma, args.gae_lambda, args.rho_bar, args.c_bar)
             b_advantages, b_returns = advantages.flatten(), returns.flatten()
+            b_anchor_logprobs = b_learner_logprobs if args.tv_anchor == "learner" else b_logprobs
+            tv_delta = adapt_tv_delta(args.tv_delta, (b_learner_logprobs - b_anchor_logprobs).exp(), args.tv_delta_rule)
 
         # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
         minibatch_stats = []
@@ -412,12 +421,11 @@ if __name__ == "__main__":
                 mb_advantages = b_advantages[mb_inds]
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                anchor_logprobs = (b_learner_logprobs if args.tv_anchor == "learner" else b_logprobs)[mb_inds]
                 if args.tv_anchor == "learner":  # the ratio is against pi_T: a truncated pi_T / beta corrects for beta
                     mb_advantages = mb_advantages * torch.clamp(b_rhos[mb_inds], max=args.rho_bar)
 
-                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, anchor_logprobs, mb_advantages,
-                                                args.tv_delta, args.clip_coef, args.kl_coef)
+                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_anchor_logprobs[mb_inds], mb_advantages,
+                                                tv_delta, args.clip_coef, args.kl_coef)
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -458,7 +466,7 @@ if __name__ == "__main__":
         logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": len(snapshots) - 1,
                        "charts/learning_rate": optimizer.param_groups[0]["lr"], "align/rho_mean": b_rhos.mean().item(),
                        "charts/SPS": int(global_step / (time.time() - start_time)), "charts/kl_coef": args.kl_coef,
-                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
+                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(), "charts/tv_delta": tv_delta,
                        "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item()})
         for key, value in logged.items():
             writer.add_scalar(key, value, global_step)

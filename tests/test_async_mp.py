@@ -165,7 +165,8 @@ class Scalars:
         self.logged.setdefault(tag, []).append(float(value))
 
 
-def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_says(monkeypatch):
+@pytest.mark.parametrize("rule", ["fixed", "forward"])
+def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_says(monkeypatch, rule):
     """train() on Hopper with a short time limit, fed rollouts of known lag (0 to 5 versions) with --max-policy-lag 2,
     every gradient step watched (conftest.record_updates). Checked against quantities recomputed here:
     - the measured lag: each batch's logged lag (mean, max), dropped rollouts and behavior version are those of the
@@ -175,7 +176,8 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
       std of the discounted rewards, clipped to [-10, 10], with gamma * V_beta(final obs) added after the scaling on
       a time limit (and V_beta(final obs) is what the actor recorded);
     - ALIGN: V-trace with pi_T's log-probs and critic (its statistics) on the raw observations;
-    - FILTER: every minibatch's loss on the normalized advantages against beta's recorded log-probs."""
+    - FILTER: every minibatch's loss on the normalized advantages against beta's recorded log-probs, gated at delta
+      (or, with --tv-delta-rule forward, at delta + the batch's mean|pi_T/beta - 1|, logged as charts/tv_delta)."""
     from gymnasium.wrappers.utils import RunningMeanStd
     from test_spec_functions import reference_vtrace, vaco_loss
 
@@ -187,7 +189,7 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
                              ["agent", "rewards", "b_obs", "b_actions", "b_logprobs", "b_advantages", "b_returns"])
     args = vaco_async_mp.Args(env_id="Hopper-v5", num_envs_per_actor=1, num_steps=32, rollouts_per_batch=2,
                               num_minibatches=2, update_epochs=2, total_timesteps=32 * 2 * 6, max_policy_lag=2,
-                              learning_rate=3e-3, tv_delta=0.05, seed=3)
+                              learning_rate=3e-3, tv_delta=0.05, seed=3, tv_delta_rule=rule)
     observation_space, action_space = vaco_async_mp.check_args(args)
     torch.manual_seed(args.seed)
     agent = vaco_async_mp.Agent(observation_space, action_space)
@@ -247,10 +249,13 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
                                     args.gamma, args.gae_lambda, 1.0, 1.0)
         torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
+        bound = args.tv_delta + ((lp_T - beta_logprobs).exp() - 1).abs().mean().item() * (rule == "forward")
+        assert writer.logged["charts/tv_delta"][i] == pytest.approx(bound, rel=1e-5)
+        assert rule == "fixed" or max(lags[i]) == 0 or bound > args.tv_delta + 1e-3
         for update in (u for u in updates if u["iteration"] == i + 1):
             advantages = first["b_advantages"][update["mb_inds"]]
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            loss, gate = vaco_loss(update["newlogprob"], beta_logprobs[update["mb_inds"]], advantages, args.tv_delta)
+            loss, gate = vaco_loss(update["newlogprob"], beta_logprobs[update["mb_inds"]], advantages, bound)
             assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
             gates.append(gate)
     assert set(gates) == {0.0, 1.0}

@@ -28,7 +28,7 @@ def policy_loss(request):
 
 
 @pytest.mark.parametrize("function,scripts", [("compute_vtrace", SCRIPTS_WITH_A_CRITIC), ("policy_loss", ALL_SCRIPTS),
-                                              ("adapt_kl_coef", ALL_SCRIPTS)])
+                                              ("adapt_kl_coef", ALL_SCRIPTS), ("adapt_tv_delta", SCRIPTS_WITH_A_CRITIC)])
 def test_every_script_has_the_same_text_of_the_spec_functions(function, scripts):
     sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in scripts}
     assert len(set(sources.values())) == 1, f"{function} differs between {', '.join(scripts)}"
@@ -212,6 +212,18 @@ def test_adaptive_kl_coef_doubles_above_one_and_a_half_targets_and_halves_below_
     assert adapt_kl_coef(0.1, kl, target) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("script", SCRIPTS_WITH_A_CRITIC)
+@pytest.mark.parametrize("rhos,rule,expected", [
+    ([0.5, 1.0, 2.0], "forward", 0.2 + (0.5 + 0.0 + 1.0) / 3),  # delta + mean|rho - 1|, by hand
+    ([1.25, 0.75, 1.0, 1.0], "forward", 0.2 + 0.125),
+    ([1.0, 1.0, 1.0], "forward", 0.2),  # no lag: the fixed bound
+    ([0.5, 1.0, 2.0], "fixed", 0.2), ([1.0, 1.0], "fixed", 0.2),  # off: delta whatever the lag
+])
+def test_forward_tv_delta_adds_the_batch_lag_to_delta_and_fixed_keeps_delta(script, rhos, rule, expected):
+    adapt_tv_delta = importlib.import_module(script).adapt_tv_delta
+    assert adapt_tv_delta(0.2, torch.tensor(rhos), rule) == pytest.approx(expected, rel=1e-6)
+
+
 def test_all_losses_equal_the_policy_gradient_on_policy(policy_loss):
     """With pi_theta = beta (first minibatch, no lag) the four losses and their gradients coincide."""
     new, behavior, adv = minibatch(lag=0.0)
@@ -250,7 +262,7 @@ LOOP_FLAGS = {  # short time limits (in the id's own steps: Atari frames), so th
 }
 EVERY_STEP = ["iteration", "mb_inds", "newlogprob", "newvalue", "pg_loss", "pg_stats", "v_loss"]
 FIRST_STEP = ["agent", "behavior", "obs", "actions", "logprobs", "rewards", "dones", "values", "next_obs",
-              "b_advantages", "b_returns"]
+              "b_advantages", "b_returns", "tv_delta"]
 
 
 def vaco_loss(newlogprob, anchor_logprob, advantages, tv_delta):
@@ -277,8 +289,9 @@ def watch_training_loop(script, tmp_path, monkeypatch, *flags):
 
 
 @pytest.mark.parametrize("script", LOOP_FLAGS)
-@pytest.mark.parametrize("flags", [[], ["--tv-anchor", "learner"], ["--no-realign"]],
-                         ids=["default", "learner-anchor", "no-realign"])
+@pytest.mark.parametrize("flags", [[], ["--tv-anchor", "learner"], ["--no-realign"], ["--tv-delta-rule", "forward"],
+                                   ["--tv-delta-rule", "forward", "--tv-anchor", "learner"]],
+                         ids=["default", "learner-anchor", "no-realign", "forward-delta", "forward-delta-learner"])
 def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as_the_spec_says(
         script, flags, tmp_path, monkeypatch):
     """Five or more iterations at lag 2 with a small delta (so the gate both fires and stays shut): every recorded
@@ -290,7 +303,7 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
     firsts = {u["iteration"]: u for u in updates if "agent" in u}
     T, N = firsts[1]["rewards"].shape
     assert sorted(firsts) == list(range(1, len(firsts) + 1)) and len(firsts) >= 5
-    learner_logprobs, gates = {}, []
+    learner_logprobs, gates, bounds = {}, [], {}
     terminal_kinds = set()
     for iteration, first in firsts.items():
         pi_T, beta = first["agent"], first["behavior"]
@@ -328,6 +341,12 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
         torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
         learner_logprobs[iteration] = (lp_T, beta_logprobs)
+        # the bound of this batch: delta, or with --tv-delta-rule forward and the behavior anchor, delta + the lag
+        lag_l1 = ((lp_T - beta_logprobs).exp() - 1).abs().mean().item()
+        forward = "forward" in flags and "--tv-anchor" not in flags
+        bounds[iteration] = tv_delta + lag_l1 if forward else tv_delta
+        assert first["tv_delta"] == pytest.approx(bounds[iteration], rel=1e-5)
+        assert not forward or iteration <= lag or bounds[iteration] > tv_delta + 1e-3, "the lag should widen it"
     assert terminal_kinds == {"terminated", "truncated"}, "the run should see both kinds of episode end"
 
     # FILTER, every minibatch of every epoch: the normalized advantages against beta (or pi_T, weighted)
@@ -341,7 +360,7 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
         if "--tv-anchor" in flags:
             anchor = lp_T[mb]
             advantages = advantages * torch.clamp((lp_T - beta_logprobs)[mb].exp(), max=1.0)  # rho_bar = 1
-        loss, gate = vaco_loss(update["newlogprob"], anchor, advantages, tv_delta)
+        loss, gate = vaco_loss(update["newlogprob"], anchor, advantages, bounds[update["iteration"]])
         assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
         assert update["pg_stats"]["gate"] == gate
         gates.append(gate)
