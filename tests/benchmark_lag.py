@@ -206,6 +206,10 @@ def main():
             if len(args.lags) > 1 and not is_async:  # a plot against the lag needs more than one lag
                 plot_against_lag(results, env_id, names, args.lags, args.seeds,
                                  args.results_dir / f"{stem}_return_vs_lag.png")
+            if sum(v == "default" or v.startswith("tv-delta=") for v in args.variants) > 1:  # a delta sweep
+                default = float(re.search(r"tv_delta: float = ([\d.e-]+)", args.script.read_text()).group(1))
+                plot_against_delta(results, env_id, args.methods, args.variants, args.lags, args.seeds, default,
+                                   args.results_dir / f"{stem}_auc_vs_delta.png")
 
 
 def seed_results(results, env_id, method, lag, seeds):
@@ -253,6 +257,21 @@ def markdown_report(results, env_id, methods, lags, seeds, per_seed, command):
                 lag_mean = f"{np.mean(mean_lag):.2f}" if mean_lag else "–"
                 lines.append(f"| {method} | {lag} | {mean_std(auc)} | {mean_std(final)} | {lag_mean} | "
                              f"{np.median(sps):.0f} | {len(rows)} |")
+    gated = [(method, lag, [r["gate"] for r in seed_results(results, env_id, method, lag, seeds) if r.get("gate")])
+             for method in methods for lag in lags]
+    if any(stats for _, _, stats in gated):  # runs summarized since the summaries record it
+        lines += ["", "What the filter did, per iteration then averaged over the run and the seeds: the share of "
+                  "minibatches whose mean|r − 1| exceeded the bound (gate closed), the share of samples "
+                  "dropped, the lag ½ mean|π_T/β − 1| (`align/tv_behavior`), the move ½ mean|r − 1| "
+                  "(`losses/tv`) and the bound in L1 units (`charts/tv_delta`; – where the run did not log it).", "",
+                  "| method | lag | gate closed | samples dropped | lag TV | move TV | bound | seeds |",
+                  "|-|-|-|-|-|-|-|-|"]
+        for method, lag, stats in gated:
+            if stats:
+                mean = {k: f"{np.mean([g[k] for g in stats]):.3f}" if all(k in g for g in stats) else "–"
+                        for k in GATE_KEYS}
+                lines.append(f"| {method} | {lag} | {mean['closed']} | {mean['dropped']} | {mean['tv_behavior']} | "
+                             f"{mean['tv']} | {mean['tv_delta']} | {len(stats)} |")
     if per_seed:
         lines += ["", "| method | lag | seed | AUC | final | measured lag | SPS | wall s |", "|-|-|-|-|-|-|-|-|"]
         for method in methods:
@@ -263,6 +282,41 @@ def markdown_report(results, env_id, methods, lags, seeds, per_seed, command):
                         lines.append(f"| {method} | {lag} | {s} | {r['auc']:.1f} | {r['final']:.1f} | {lag_text(r)} "
                                      f"| {r['sps']:.0f} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot_against_delta(results, env_id, methods, variants, lags, seeds, default_delta, path):
+    """AUC against --tv-delta (log scale), one line per method and lag (mean ± sample std over the seeds); the other
+    variants (e.g. tv-delta-rule=forward) as single markers at the delta they start from."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        for lag in lags:
+            def auc(variant):
+                return [r["auc"] for r in seed_results(results, env_id, run_name(method, variant), lag, seeds)]
+
+            sweep = sorted((float(v.split("=")[1]) if v != "default" else default_delta, auc(v))
+                           for v in variants if v == "default" or v.startswith("tv-delta="))
+            sweep = [(delta, a) for delta, a in sweep if a]
+            line = ax.errorbar([d for d, _ in sweep], [np.mean(a) for _, a in sweep],
+                               yerr=[sample_std(a) for _, a in sweep], marker="o", capsize=3,
+                               label=f"{method}, lag {lag}")
+            for k, variant in enumerate(v for v in variants if v != "default" and not v.startswith("tv-delta=")):
+                if a := auc(variant):  # beside the sweep's point at the delta it starts from
+                    ax.errorbar([default_delta * 1.06], [np.mean(a)], yerr=[sample_std(a)], marker="*^sD"[k % 4],
+                                markersize=11, capsize=3, color=line[0].get_color(),
+                                label=f"{method}+{variant}, lag {lag}")
+    ax.set(xscale="log", xlabel="--tv-delta (bound on mean|r - 1|)", ylabel="AUC (mean ± sample std over seeds)",
+           title=f"{env_id}: AUC against delta")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_against_lag(results, env_id, methods, lags, seeds, path):

@@ -129,3 +129,29 @@ def test_tables_show_mean_and_sample_std_and_say_so():
     assert "mean ± sample standard deviation (ddof = 1)" in report
     one = benchmark_lag.markdown_report(results, "CartPole-v1", ["vaco"], [0], [3], False, "cmd")
     assert "| vaco | 0 | 60.0 | 61.0 | – | 100 | 1 |" in one
+
+
+def test_summaries_record_what_the_filter_did_and_the_table_shows_it(tmp_path):
+    """The gate statistics are the run's per-iteration values averaged over the iterations, and the filter table
+    averages them over the seeds; a run without charts/tv_delta (older script) shows – for the bound."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    logged = {"losses/filter_gate_frac": [0.0, 0.5, 1.0], "losses/filtered_frac": [0.0, 0.1, 0.2],
+              "align/tv_behavior": [0.0, 0.05, 0.1], "losses/tv": [0.1, 0.1, 0.4], "charts/tv_delta": [0.2, 0.3, 0.4]}
+    for key, series in logged.items():
+        for step, value in enumerate(series):
+            writer.add_scalar(key, value, 2048 * (step + 1))
+    writer.add_scalar("charts/episodic_return", 1.0, 10)
+    writer.close()
+    gate = benchmark_lag.summarize(tmp_path / "run", total_steps=6144)["gate"]
+    assert gate == pytest.approx({"closed": 0.5, "dropped": 0.1, "tv_behavior": 0.05, "tv": 0.2, "tv_delta": 0.3})
+    old = dict(gate, closed=1.0)
+    del old["tv_delta"]
+    results = {benchmark_lag.run_tag("Hopper-v5", "vaco", "default", 8, s): dict(auc=1.0, final=1.0, sps=1.0,
+                                                                                 wall_s=1.0, lag=None, gate=g)
+               for s, g in [(1, gate), (2, old)]}
+    report = benchmark_lag.markdown_report(results, "Hopper-v5", ["vaco"], [8], [1, 2], False, "cmd")
+    assert "| vaco | 8 | 0.750 | 0.100 | 0.050 | 0.200 | – | 2 |" in report
+    only_new = benchmark_lag.markdown_report(results, "Hopper-v5", ["vaco"], [8], [1], False, "cmd")
+    assert "| vaco | 8 | 0.500 | 0.100 | 0.050 | 0.200 | 0.300 | 1 |" in only_new
