@@ -18,7 +18,8 @@ SPEC_KEYS = {
     "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
     "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
     "losses/clipfrac", "losses/explained_variance", "losses/tv", "losses/filtered_frac", "losses/filter_gate_frac",
-    "align/tv_behavior", "align/rho_mean", "align/rho_clipped_frac", "charts/policy_lag",
+    "align/tv_behavior", "align/rho_mean", "align/rho_clipped_frac", "charts/policy_lag", "charts/kl_coef",
+    "charts/tv_delta",
 }
 
 
