@@ -135,12 +135,32 @@ def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path, 
     assert {0.5, 2.0} <= set(np.round(coef[1:] / coef[:-1], 6)), f"the coefficient should move both ways: {coef}"
 
 
+def test_the_forward_rule_logs_delta_plus_the_backward_lag_and_fixed_logs_delta(tmp_path, monkeypatch):
+    """charts/tv_delta, the bound FILTER used: --tv-delta itself by default, and with --tv-delta-rule forward --tv-delta
+    plus the batch's L1 mean|pi_T/beta - 1| = 2 x align/tv_behavior, which lag 2 makes larger than delta; at lag 0
+    the forward rule runs the default's iterations (the bound differs only by float rounding)."""
+    fixed = logged(tmp_path / "fixed", "--tv-delta", 0.1, "--policy-lag", 2, "--total-timesteps", 2560,
+                   monkeypatch=monkeypatch)
+    assert values(fixed, "charts/tv_delta").tolist() == pytest.approx([0.1] * 5, rel=1e-7)
+    forward = logged(tmp_path / "forward", "--tv-delta", 0.1, "--tv-delta-rule", "forward", "--policy-lag", 2,
+                     "--total-timesteps", 2560, monkeypatch=monkeypatch)
+    bound, lag_tv = values(forward, "charts/tv_delta"), values(forward, "align/tv_behavior")
+    assert bound == pytest.approx(0.1 + 2 * lag_tv, rel=1e-5)
+    assert (bound[1:] > 0.1 + 1e-3).all(), f"lag 2 should widen the bound after the first iteration: {bound}"
+    no_lag = {rule: logged(tmp_path / f"{rule}0", "--tv-delta-rule", rule, "--total-timesteps", 2048,
+                           monkeypatch=monkeypatch) for rule in ("fixed", "forward")}
+    assert values(no_lag["forward"], "charts/tv_delta") == pytest.approx([0.2] * 4, abs=1e-5)
+    for key in LOSS_KEYS:
+        np.testing.assert_allclose(values(no_lag["forward"], key), values(no_lag["fixed"], key), rtol=1e-5,
+                                   atol=1e-8, err_msg=key)
+
+
 def test_help_lists_the_vaco_flags(tmp_path, monkeypatch, capsys):
     error, _ = run_main(SCRIPT, "--help", cwd=tmp_path, monkeypatch=monkeypatch)
     assert error.code == 0
     help_text = capsys.readouterr().out
     for flag in ["--tv-delta", "--rho-bar", "--c-bar", "--realign", "--no-realign", "--policy-loss", "--clip-coef",
-                 "--kl-coef", "--kl-target", "--tv-anchor", "ppo-kl", "--policy-lag", "--save-model",
+                 "--kl-coef", "--kl-target", "--tv-anchor", "--tv-delta-rule", "ppo-kl", "--policy-lag", "--save-model",
                  "--eval-episodes"]:
         assert flag in help_text, flag
 
