@@ -311,8 +311,12 @@ def plot_against_delta(results, env_id, methods, variants, lags, seeds, default_
                     ax.errorbar([default_delta * 1.06], [np.mean(a)], yerr=[sample_std(a)], marker="*^sD"[k % 4],
                                 markersize=11, capsize=3, color=line[0].get_color(),
                                 label=f"{method}+{variant}, lag {lag}")
+    deltas = sorted(float(v.split("=")[1]) if v != "default" else default_delta
+                    for v in variants if v == "default" or v.startswith("tv-delta="))
     ax.set(xscale="log", xlabel="--tv-delta (bound on mean|r - 1|)", ylabel="AUC (mean ± sample std over seeds)",
            title=f"{env_id}: AUC against delta")
+    ax.set_xticks(deltas, [f"{d:g}" for d in deltas])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
