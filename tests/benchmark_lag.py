@@ -165,6 +165,7 @@ def main():
     parser.add_argument("--results-name", default="{env}",
                         help="the {name} of the files under --results-dir; {env} in it becomes the env id")
     args = parser.parse_args()
+    args.script = args.script.resolve()  # the runs start in their own folders
 
     extra = args.extra.split()
     is_async = "async" in args.script.name

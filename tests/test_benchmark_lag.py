@@ -18,7 +18,7 @@ import benchmark_lag  # noqa: E402  (the runner as a module, for its summary and
 def benchmark(tmp_path, *args):
     cmd = [sys.executable, str(ROOT / "tests" / "benchmark_lag.py"), "--out", str(tmp_path / "runs"), "--jobs", "2",
            "--summaries", str(tmp_path / "summaries"), "--env-ids", "CartPole-v1", "--seeds", "1", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
@@ -71,8 +71,10 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
 
 @pytest.mark.slow
 def test_real_lag_summary_holds_the_lag_of_every_trained_rollout(tmp_path):
-    """vaco_async_mp.py: the summary keeps the lag distribution the script prints, and the per-seed table shows it."""
-    result = benchmark(tmp_path, "--script", str(ROOT / "vaco_async_mp.py"), "--lags", "async", "--methods", "vaco",
+    """vaco_async_mp.py, named as the studies' commands name it (relative to the repository's root, while each run
+    starts in its own folder): the summary keeps the lag distribution the script prints, and the per-seed table
+    shows it."""
+    result = benchmark(tmp_path, "--script", "vaco_async_mp.py", "--lags", "async", "--methods", "vaco",
                        "--per-seed", "--extra", "--num-actors 2 --num-steps 64 --total-timesteps 2048")
     assert result.returncode == 0, result.stdout + result.stderr
     summary_file = tmp_path / "summaries" / "num-actors=2,num-steps=64,total-timesteps=2048" / \
