@@ -207,7 +207,7 @@ def main():
             if len(args.lags) > 1 and not is_async:  # a plot against the lag needs more than one lag
                 plot_against_lag(results, env_id, names, args.lags, args.seeds,
                                  args.results_dir / f"{stem}_return_vs_lag.png")
-            if sum(v == "default" or v.startswith("tv-delta=") for v in args.variants) > 1:  # a delta sweep
+            if sum(delta_of(v, 0.0) is not None for v in args.variants) > 1:  # a delta sweep
                 default = float(re.search(r"tv_delta: float = ([\d.e-]+)", args.script.read_text()).group(1))
                 plot_against_delta(results, env_id, args.methods, args.variants, args.lags, args.seeds, default,
                                    args.results_dir / f"{stem}_auc_vs_delta.png")
@@ -285,6 +285,12 @@ def markdown_report(results, env_id, methods, lags, seeds, per_seed, command):
     return "\n".join(lines) + "\n"
 
 
+def delta_of(variant, default_delta):
+    """The --tv-delta of a variant that sets it alone ('default': the script's), else None."""
+    match = re.fullmatch(r"tv-delta=([0-9.e+-]+)", variant)
+    return default_delta if variant == "default" else float(match.group(1)) if match else None
+
+
 def plot_against_delta(results, env_id, methods, variants, lags, seeds, default_delta, path):
     """AUC against --tv-delta (log scale), one line per method and lag (mean ± sample std over the seeds); the other
     variants (e.g. tv-delta-rule=forward) as single markers at the delta they start from."""
@@ -301,19 +307,18 @@ def plot_against_delta(results, env_id, methods, variants, lags, seeds, default_
             def auc(variant):
                 return [r["auc"] for r in seed_results(results, env_id, run_name(method, variant), lag, seeds)]
 
-            sweep = sorted((float(v.split("=")[1]) if v != "default" else default_delta, auc(v))
-                           for v in variants if v == "default" or v.startswith("tv-delta="))
+            sweep = sorted((delta_of(v, default_delta), auc(v)) for v in variants
+                           if delta_of(v, default_delta) is not None)
             sweep = [(delta, a) for delta, a in sweep if a]
             line = ax.errorbar([d for d, _ in sweep], [np.mean(a) for _, a in sweep],
                                yerr=[sample_std(a) for _, a in sweep], marker="o", capsize=3,
                                label=f"{method}, lag {lag}")
-            for k, variant in enumerate(v for v in variants if v != "default" and not v.startswith("tv-delta=")):
+            for k, variant in enumerate(v for v in variants if delta_of(v, default_delta) is None):
                 if a := auc(variant):  # beside the sweep's point at the delta it starts from
                     ax.errorbar([default_delta * 1.06], [np.mean(a)], yerr=[sample_std(a)], marker="*^sD"[k % 4],
                                 markersize=11, capsize=3, color=line[0].get_color(),
                                 label=f"{method}+{variant}, lag {lag}")
-    deltas = sorted(float(v.split("=")[1]) if v != "default" else default_delta
-                    for v in variants if v == "default" or v.startswith("tv-delta="))
+    deltas = sorted(delta_of(v, default_delta) for v in variants if delta_of(v, default_delta) is not None)
     ax.set(xscale="log", xlabel="--tv-delta (bound on mean|r - 1|)", ylabel="AUC (mean ± sample std over seeds)",
            title=f"{env_id}: AUC against delta")
     ax.set_xticks(deltas, [f"{d:g}" for d in deltas])
