@@ -157,3 +157,10 @@ def test_summaries_record_what_the_filter_did_and_the_table_shows_it(tmp_path):
     assert "| vaco | 8 | 0.750 | 0.100 | 0.050 | 0.200 | – | 2 |" in report
     only_new = benchmark_lag.markdown_report(results, "Hopper-v5", ["vaco"], [8], [1], False, "cmd")
     assert "| vaco | 8 | 0.500 | 0.100 | 0.050 | 0.200 | 0.300 | 1 |" in only_new
+
+
+def test_only_variants_that_set_delta_alone_are_points_of_a_delta_sweep():
+    assert benchmark_lag.delta_of("default", 0.2) == 0.2
+    assert benchmark_lag.delta_of("tv-delta=0.05", 0.2) == 0.05
+    assert benchmark_lag.delta_of("tv-delta=0.4,rho-bar=2", 0.2) is None
+    assert benchmark_lag.delta_of("tv-delta-rule=forward", 0.2) is None
