@@ -2,6 +2,8 @@
 
     python tests/results_at_a_glance.py            # print the markdown table (the README holds exactly this block)
     python tests/results_at_a_glance.py --plot     # also draw tests/results/at_a_glance.png (needs matplotlib)
+    python tests/results_at_a_glance.py --delta    # print the table of "Choosing δ" instead (README and studies page)
+    python tests/results_at_a_glance.py --gates    # print what the gate did in the δ study (studies page)
 
 For each task: the AUC (the average return during training, see tests/benchmark_lag.py) of `vaco`, `ppo-noalign`
 (naive asynchronous PPO-clip) and `ppo-kl` (PPO with the KL penalty 0.1, the paper's baseline) without lag and at the
@@ -65,6 +67,48 @@ def table():
     return "\n".join(lines) + "\n"
 
 
+# the rows of "Choosing δ": (row label, the variant's name in the summaries); the columns: task and lag, MuJoCo settings
+DELTA_ROWS = [("0.1", "vaco+tv-delta=0.1"), ("0.2 (default)", "vaco"), ("0.4", "vaco+tv-delta=0.4"),
+              ("0.8", "vaco+tv-delta=0.8"), ("forward (δ = 0.2)", "vaco+tv-delta-rule=forward")]
+DELTA_COLUMNS = [("HalfCheetah, lag 0", "HalfCheetah-v5", "0"), ("lag 8", "HalfCheetah-v5", "8"),
+                 ("Hopper, lag 0", "Hopper-v5", "0"), ("lag 8", "Hopper-v5", "8")]
+
+
+def delta_table():
+    """AUC of each δ (and the forward bound) per task and lag, bold: the best mean of a column; a cell with fewer
+    than 3 seeds says how many."""
+    values = [[aucs(env_id, MUJOCO, variant, lag) for _, env_id, lag in DELTA_COLUMNS] for _, variant in DELTA_ROWS]
+    best = [max(range(len(DELTA_ROWS)), key=lambda r: np.mean(values[r][c]) if values[r][c] else -np.inf)
+            for c in range(len(DELTA_COLUMNS))]
+    lines = ["| δ | " + " | ".join(name for name, _, _ in DELTA_COLUMNS) + " |", "|---" * (len(DELTA_COLUMNS) + 1) + "|"]
+    for r, (label, _) in enumerate(DELTA_ROWS):
+        cells = [cell(v) + (f" ({len(v)} seeds)" if 1 < len(v) < len(SEEDS) else "") for v in values[r]]
+        cells = [f"**{text}**" if best[c] == r else text for c, text in enumerate(cells)]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def gate_table():
+    """What the filter did in each run of the δ table that logged it: per iteration, then averaged over the run and
+    the seeds; the lag, the move and the bound in L1 units (2 x `align/tv_behavior`, 2 x `losses/tv`,
+    `charts/tv_delta`) so that they read against δ. Rows: lag 8 first, then lag 0."""
+    lines = ["| δ | task, lag | gate closed | samples dropped | lag, L1 | move, L1 | bound, L1 | seeds |",
+             "|---" * 8 + "|"]
+    for lag in ["8", "0"]:
+        for label, variant in DELTA_ROWS:
+            for env_id in ["HalfCheetah-v5", "Hopper-v5"]:
+                files = [SUMMARIES / MUJOCO / f"{env_id}__{variant}__lag{lag}__s{seed}.json" for seed in SEEDS]
+                gates = [json.loads(f.read_text()).get("gate") for f in files if f.exists()]
+                gates = [gate for gate in gates if gate]
+                if not gates:
+                    continue
+                mean = {key: np.mean([g[key] for g in gates if g.get(key) is not None]) for key in set().union(*gates)}
+                lines.append(f"| {label.replace(' (default)', '')} | {env_id.split('-')[0]}, {lag} | {mean['closed']:.2f} | "
+                             f"{mean['dropped']:.2f} | {2 * mean['tv_behavior']:.2f} | {2 * mean['tv']:.2f} | "
+                             f"{mean['tv_delta']:.2f} | {len(gates)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(path):
     """One panel per task: each method's AUC without lag and at the largest lag (mean ± sample std, dots: seeds)."""
     import matplotlib
@@ -99,8 +143,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plot", type=Path, nargs="?", const=ROOT / "tests" / "results" / "at_a_glance.png",
                         default=None, help="also draw the figure (default path: tests/results/at_a_glance.png)")
+    parser.add_argument("--delta", action="store_true", help="print the table of the README's \"Choosing δ\"")
+    parser.add_argument("--gates", action="store_true", help="print what the gate did in the δ study")
     args = parser.parse_args()
-    print(table(), end="")
+    print(gate_table() if args.gates else delta_table() if args.delta else table(), end="")
     if args.plot is not None:
         plot(args.plot)
 

@@ -70,6 +70,19 @@ def test_readme_results_table_is_what_the_committed_summaries_give():
         "`python tests/results_at_a_glance.py` between the markers")
 
 
+@pytest.mark.parametrize("page", ["README.md", "tests/results/README.md"])
+def test_the_choosing_delta_table_is_what_the_committed_summaries_give(page):
+    """The AUC-by-δ table of "Choosing δ", in both pages: means, stds, seed counts and the bold best of a column."""
+    assert results_at_a_glance.delta_table() in (ROOT / page).read_text(), (
+        f"{page}'s table of δ differs from the committed summaries: paste `python tests/results_at_a_glance.py --delta`")
+
+
+def test_the_gate_table_of_the_delta_study_is_what_the_committed_summaries_give():
+    assert results_at_a_glance.gate_table() in (ROOT / "tests" / "results" / "README.md").read_text(), (
+        "the δ study's table of what the gate did differs from the committed summaries: paste "
+        "`python tests/results_at_a_glance.py --gates`")
+
+
 def test_readme_is_at_most_26000_bytes():
     size = len((ROOT / "README.md").read_bytes())
     assert size <= 26000, f"README.md is {size} bytes; move detail to tests/results/README.md or the scripts"
