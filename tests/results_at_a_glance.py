@@ -67,7 +67,7 @@ def table():
     return "\n".join(lines) + "\n"
 
 
-# the rows of "Choosing δ": (row label, the variant's name in the summaries); the columns: task and lag, MuJoCo settings
+# "Choosing δ": its rows (label, the variant's name in the summaries) and columns (label, env id, lag), MuJoCo settings
 DELTA_ROWS = [("0.1", "vaco+tv-delta=0.1"), ("0.2 (default)", "vaco"), ("0.4", "vaco+tv-delta=0.4"),
               ("0.8", "vaco+tv-delta=0.8"), ("forward (δ = 0.2)", "vaco+tv-delta-rule=forward")]
 DELTA_COLUMNS = [("HalfCheetah, lag 0", "HalfCheetah-v5", "0"), ("lag 8", "HalfCheetah-v5", "8"),
@@ -80,7 +80,8 @@ def delta_table():
     values = [[aucs(env_id, MUJOCO, variant, lag) for _, env_id, lag in DELTA_COLUMNS] for _, variant in DELTA_ROWS]
     best = [max(range(len(DELTA_ROWS)), key=lambda r: np.mean(values[r][c]) if values[r][c] else -np.inf)
             for c in range(len(DELTA_COLUMNS))]
-    lines = ["| δ | " + " | ".join(name for name, _, _ in DELTA_COLUMNS) + " |", "|---" * (len(DELTA_COLUMNS) + 1) + "|"]
+    lines = ["| δ | " + " | ".join(name for name, _, _ in DELTA_COLUMNS) + " |",
+             "|---" * (len(DELTA_COLUMNS) + 1) + "|"]
     for r, (label, _) in enumerate(DELTA_ROWS):
         cells = [cell(v) + (f" ({len(v)} seeds)" if 1 < len(v) < len(SEEDS) else "") for v in values[r]]
         cells = [f"**{text}**" if best[c] == r else text for c, text in enumerate(cells)]
@@ -103,9 +104,9 @@ def gate_table():
                 if not gates:
                     continue
                 mean = {key: np.mean([g[key] for g in gates if g.get(key) is not None]) for key in set().union(*gates)}
-                lines.append(f"| {label.replace(' (default)', '')} | {env_id.split('-')[0]}, {lag} | {mean['closed']:.2f} | "
-                             f"{mean['dropped']:.2f} | {2 * mean['tv_behavior']:.2f} | {2 * mean['tv']:.2f} | "
-                             f"{mean['tv_delta']:.2f} | {len(gates)} |")
+                lines.append(f"| {label.replace(' (default)', '')} | {env_id.split('-')[0]}, {lag} | "
+                             f"{mean['closed']:.2f} | {mean['dropped']:.2f} | {2 * mean['tv_behavior']:.2f} | "
+                             f"{2 * mean['tv']:.2f} | {mean['tv_delta']:.2f} | {len(gates)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -74,7 +74,8 @@ def test_readme_results_table_is_what_the_committed_summaries_give():
 def test_the_choosing_delta_table_is_what_the_committed_summaries_give(page):
     """The AUC-by-δ table of "Choosing δ", in both pages: means, stds, seed counts and the bold best of a column."""
     assert results_at_a_glance.delta_table() in (ROOT / page).read_text(), (
-        f"{page}'s table of δ differs from the committed summaries: paste `python tests/results_at_a_glance.py --delta`")
+        f"{page}'s table of δ differs from the committed summaries: paste "
+        "`python tests/results_at_a_glance.py --delta`")
 
 
 def test_the_gate_table_of_the_delta_study_is_what_the_committed_summaries_give():
