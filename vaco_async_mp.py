@@ -154,8 +154,8 @@ class Args:
     """the global gradient norm is clipped to this"""
 
     # VACO
-    policy_loss: Literal["vaco", "ppo", "spo", "ppo-kl"] = "vaco"
-    """the policy loss: `vaco` (TV filter), or the baselines `ppo` (clipped), `spo` and `ppo-kl` (KL penalty)"""
+    policy_loss: Literal["vaco", "ppo", "spo", "ppo-kl", "impala"] = "vaco"
+    """`vaco` (TV filter), or a baseline: `ppo` (clipped), `spo`, `ppo-kl` (KL penalty), `impala` (V-trace policy gradient)"""
     tv_delta: float = 0.2
     """FILTER: trust-region bound on the sampled L1 distance mean|pi/beta - 1| (= 2 TV) of a minibatch"""
     tv_delta_rule: Literal["fixed", "forward"] = "fixed"
@@ -334,8 +334,9 @@ def compute_vtrace(rewards, values, bootstrap_value, dones, log_rhos, gamma, gae
     return advantages, values + vs_minus_v
 
 
-def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef, kl_coef):
-    """FILTER and the baseline losses (README: "The algorithm") on one minibatch; the ratio is always pi_theta / beta.
+def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef, kl_coef, rho_bar=1.0):
+    """FILTER and the baseline losses (README: "The algorithm") on one minibatch, with the ratio
+    r = exp(newlogprob - behavior_logprob): pi_theta / beta, or pi_theta / pi_T when the caller anchors at pi_T.
 
     Returns (pg_loss, stats) with stats 'tv' = 0.5 mean|r - 1|, 'filtered_frac' (share of samples the filter
     dropped) and 'gate' (1.0 if mean|r - 1| > tv_delta).
@@ -357,8 +358,12 @@ def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_c
     elif kind == "ppo-kl":
         # (r - 1) - log r >= 0 has expectation KL(beta || pi_theta) under the behavior policy's samples
         loss = -(advantages * ratio).mean() + kl_coef * ((ratio - 1) - logratio).mean()
+    elif kind == "impala":
+        # IMPALA's policy gradient: the truncated importance weight min(rho_bar, r) is a constant, not differentiated
+        truncated_ratio = torch.clamp(ratio.detach(), max=rho_bar)
+        loss = -(truncated_ratio * advantages * logratio).mean()
     else:
-        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo', 'spo' or 'ppo-kl'")
+        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo', 'spo', 'ppo-kl' or 'impala'")
     return loss, {"tv": 0.5 * l1.item(), "filtered_frac": 1.0 - keep.float().mean().item(), "gate": float(gate.item())}
 
 
@@ -657,7 +662,7 @@ def train(args, agent, optimizer, actors, batch, writer):
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
                 pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
-                                                tv_delta, args.clip_coef, args.kl_coef)
+                                                tv_delta, args.clip_coef, args.kl_coef, args.rho_bar)
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef

@@ -228,8 +228,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completions, valid, temp
     return tuple(torch.cat(part) for part in zip(*chunks))  # log-probs, entropies
 
 
-def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef, kl_coef):
-    """FILTER and the baseline losses (README: "The algorithm") on one minibatch; the ratio is always pi_theta / beta.
+def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_coef, kl_coef, rho_bar=1.0):
+    """FILTER and the baseline losses (README: "The algorithm") on one minibatch, with the ratio
+    r = exp(newlogprob - behavior_logprob): pi_theta / beta, or pi_theta / pi_T when the caller anchors at pi_T.
 
     Returns (pg_loss, stats) with stats 'tv' = 0.5 mean|r - 1|, 'filtered_frac' (share of samples the filter
     dropped) and 'gate' (1.0 if mean|r - 1| > tv_delta).
@@ -251,8 +252,12 @@ def policy_loss(kind, newlogprob, behavior_logprob, advantages, tv_delta, clip_c
     elif kind == "ppo-kl":
         # (r - 1) - log r >= 0 has expectation KL(beta || pi_theta) under the behavior policy's samples
         loss = -(advantages * ratio).mean() + kl_coef * ((ratio - 1) - logratio).mean()
+    elif kind == "impala":
+        # IMPALA's policy gradient: the truncated importance weight min(rho_bar, r) is a constant, not differentiated
+        truncated_ratio = torch.clamp(ratio.detach(), max=rho_bar)
+        loss = -(truncated_ratio * advantages * logratio).mean()
     else:
-        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo', 'spo' or 'ppo-kl'")
+        raise ValueError(f"unknown policy loss {kind!r}; expected 'vaco', 'ppo', 'spo', 'ppo-kl' or 'impala'")
     return loss, {"tv": 0.5 * l1.item(), "filtered_frac": 1.0 - keep.float().mean().item(), "gate": float(gate.item())}
 
 

@@ -52,6 +52,8 @@ METHODS = {  # name -> extra flags of vaco_classic.py
     "ppo": ["--policy-loss", "ppo"],  # ALIGN only
     "ppo-kl": ["--policy-loss", "ppo-kl", "--no-realign"],  # the paper's baseline: PPO with a KL penalty
     "vaco-learner": ["--tv-anchor", "learner"],  # the ratio anchored at pi_T (vaco_classic.py and vaco_atari.py)
+    # IMPALA as it runs: one pass over each batch, V-trace's own advantage (lambda = 1); these override --extra's flags
+    "impala": ["--policy-loss", "impala", "--update-epochs", "1", "--gae-lambda", "1"],
 }
 
 
@@ -118,7 +120,7 @@ def run_one(job, out, summaries, script, total_steps_of, report_only=False):
     run_dir.mkdir(parents=True, exist_ok=True)
     lag_flags = [] if lag == "async" else ["--policy-lag", str(lag)]
     cmd = [sys.executable, str(script), "--env-id", env_id, "--seed", str(seed), *lag_flags,
-           "--exp-name", tag, "--no-cuda", *METHODS[method], *variant_flags(variant), *extra]
+           "--exp-name", tag, "--no-cuda", *extra, *METHODS[method], *variant_flags(variant)]  # the last flag wins
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.time()
     with open(run_dir / "stdout.txt", "w") as log:

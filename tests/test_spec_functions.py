@@ -224,15 +224,42 @@ def test_forward_tv_delta_adds_the_batch_lag_to_delta_and_fixed_keeps_delta(scri
     assert adapt_tv_delta(0.2, torch.tensor(rhos), rule) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("rho_bar", [1.0, 1.5])
+def test_impala_gradient_is_the_truncated_importance_weighted_score_function(policy_loss, rho_bar):
+    """-mean(min(rho_bar, r) A grad log pi) on a softmax policy, by hand: the weight is not differentiated."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 48, 4
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64, requires_grad=True)
+    actions = torch.randint(k, (n,), generator=g)
+    behavior = torch.log_softmax(logits.detach() + 0.6 * torch.randn(n, k, generator=g, dtype=torch.float64), -1)
+    behavior = behavior[torch.arange(n), actions]
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    new = torch.log_softmax(logits, -1)[torch.arange(n), actions]
+    loss, stats = policy_loss("impala", new, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1, rho_bar=rho_bar)
+    loss.backward()
+    probs = torch.softmax(logits.detach(), -1).tolist()
+    ratios = (new.detach() - behavior).exp().tolist()
+    assert any(r > rho_bar for r in ratios) and any(r < rho_bar for r in ratios)  # both sides of the truncation
+    expected = [[0.0] * k for _ in range(n)]
+    for i in range(n):  # d log softmax(z)[a] / dz_j = 1[j = a] - p_j
+        for j in range(k):
+            score = (1.0 if j == actions[i] else 0.0) - probs[i][j]
+            expected[i][j] = -min(rho_bar, ratios[i]) * adv[i].item() * score / n
+    torch.testing.assert_close(logits.grad, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    assert stats["filtered_frac"] == 0.0
+
+
 def test_all_losses_equal_the_policy_gradient_on_policy(policy_loss):
-    """With pi_theta = beta (first minibatch, no lag) the four losses and their gradients coincide."""
+    """With pi_theta = beta (first minibatch, no lag) the five losses have the same gradient, and all but impala's
+    (a weighted log-ratio, 0 here) the same value."""
     new, behavior, adv = minibatch(lag=0.0)
     grads = []
-    for kind in ["vaco", "ppo", "spo", "ppo-kl"]:
+    for kind in ["vaco", "ppo", "spo", "ppo-kl", "impala"]:
         x = new.detach().clone().requires_grad_(True)
         loss, stats = policy_loss(kind, x, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1)
         loss.backward()
-        assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-12)
+        expected_loss = 0.0 if kind == "impala" else -adv.mean().item()
+        assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
         assert stats["tv"] == 0.0 and stats["gate"] == 0.0
         grads.append(x.grad)
     for grad in grads[1:]:
