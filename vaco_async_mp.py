@@ -259,8 +259,13 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 def mlp(in_dim, out_dim, out_std):
-    return nn.Sequential(layer_init(nn.Linear(in_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)), nn.Tanh(),
-                         layer_init(nn.Linear(64, out_dim), std=out_std))
+    return nn.Sequential(
+        layer_init(nn.Linear(in_dim, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, out_dim), std=out_std),
+    )
 
 
 class Agent(nn.Module):
@@ -275,10 +280,17 @@ class Agent(nn.Module):
         self.continuous = isinstance(action_space, gym.spaces.Box)
         act_dim = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         if self.images:
-            self.trunk = nn.Sequential(layer_init(nn.Conv2d(4, 32, 8, stride=4)), nn.ReLU(),
-                                       layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-                                       layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
-                                       layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU())
+            self.trunk = nn.Sequential(
+                layer_init(nn.Conv2d(4, 32, 8, stride=4)),
+                nn.ReLU(),
+                layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+                nn.ReLU(),
+                layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+                nn.ReLU(),
+                nn.Flatten(),
+                layer_init(nn.Linear(64 * 7 * 7, 512)),
+                nn.ReLU(),
+            )
             self.actor = layer_init(nn.Linear(512, act_dim), std=0.01)
             self.critic = layer_init(nn.Linear(512, 1), std=1.0)
         else:
@@ -425,8 +437,7 @@ def collect_rollout(args, behavior, envs, next_obs, discounted, slot):
             final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]))
             slot["truncation_values"][step, truncated] = behavior.get_value(final_obs)
         for i in np.flatnonzero(infos.get("final_info", {}).get("_episode", [])):
-            episodes.append((float(infos["final_info"]["episode"]["r"][i]),
-                             int(infos["final_info"]["episode"]["l"][i])))
+            episodes.append((float(infos["final_info"]["episode"]["r"][i]), int(infos["final_info"]["episode"]["l"][i])))
     slot["obs"][args.num_steps] = torch.as_tensor(next_obs)
     slot["values"][args.num_steps] = behavior.get_value(slot["obs"][args.num_steps])
     return next_obs, episodes
@@ -446,8 +457,10 @@ def actor_main(args, run_name, link):
     torch.manual_seed(seed)  # the actions' sampling; the envs are seeded by reset
     n = args.num_envs_per_actor
     video = args.capture_video and link.generation == 0  # a restarted actor 0 records no more videos
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, link.index * n + j, video, run_name) for j in range(n)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, link.index * n + j, video, run_name) for j in range(n)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
     behavior = Agent(envs.single_observation_space, envs.single_action_space)
     local_version = -1
     next_obs, _ = envs.reset(seed=seed)
@@ -470,8 +483,7 @@ def actor_main(args, run_name, link):
             actor_wait = time.time() - wait_start
             slot_id = free.popleft()
             next_obs, episodes = collect_rollout(args, behavior, envs, next_obs, discounted, link.slots[slot_id])
-            link.full_conn.send({"slot": slot_id, "version": local_version, "episodes": episodes,
-                                 "actor_wait_s": actor_wait})
+            link.full_conn.send({"slot": slot_id, "version": local_version, "episodes": episodes, "actor_wait_s": actor_wait})
 
 
 def start_process_server():
@@ -500,9 +512,15 @@ class ActorPool:
         self.ctx = start_process_server()  # already running: the main block started it earlier
         self.args, self.run_name, self.writer = args, run_name, writer
         self.slots_per_actor = math.ceil(args.rollouts_per_batch / args.num_actors) + 1  # its share of a batch, + 1
-        self.slots = [{key: buffer.share_memory_() for key, buffer in rollout_buffers(
-            args.num_steps, args.num_envs_per_actor, observation_space, action_space).items()}
-            for _ in range(args.num_actors * self.slots_per_actor)]
+        self.slots = [
+            {
+                key: buffer.share_memory_()
+                for key, buffer in rollout_buffers(
+                    args.num_steps, args.num_envs_per_actor, observation_space, action_space
+                ).items()
+            }
+            for _ in range(args.num_actors * self.slots_per_actor)
+        ]
         self.version = 0  # learner updates published so far
         self.flat = parameters_to_vector(agent.parameters()).detach().cpu()
         # per actor: its link, its process, and the learner's ends of its two pipes
@@ -516,13 +534,19 @@ class ActorPool:
         full_recv, full_send = self.ctx.Pipe(duplex=False)
         owned = range(i * self.slots_per_actor, (i + 1) * self.slots_per_actor)
         self.links[i] = ActorLink(
-            index=i, generation=generation, weights=self.flat.clone().share_memory_(),
-            version=torch.tensor(self.version).share_memory_(), free_conn=free_recv, full_conn=full_send,
+            index=i,
+            generation=generation,
+            weights=self.flat.clone().share_memory_(),
+            version=torch.tensor(self.version).share_memory_(),
+            free_conn=free_recv,
+            full_conn=full_send,
             lock=self.ctx.Lock(),  # a fresh one: a killed actor may have died holding the old one
             free_slots=[s for s in owned if s not in {m["slot"] for m in self.ready}],  # the others come back later
-            slots={s: self.slots[s] for s in owned})
-        proc = self.ctx.Process(target=actor_main, name=f"actor-{i}", args=(self.args, self.run_name, self.links[i]),
-                                daemon=True)  # daemon: terminated if the learner exits abruptly
+            slots={s: self.slots[s] for s in owned},
+        )
+        proc = self.ctx.Process(
+            target=actor_main, name=f"actor-{i}", args=(self.args, self.run_name, self.links[i]), daemon=True
+        )  # daemon: terminated if the learner exits abruptly
         proc.start()
         free_recv.close()  # only the actor holds these ends now, so each side sees EOF when the other is gone
         full_send.close()
@@ -576,8 +600,10 @@ class ActorPool:
         print(message, file=sys.stderr, flush=True)
         self.writer.add_text("actors/failures", message, self.restarts)
         if self.restarts > self.args.max_actor_restarts:
-            raise SystemExit(f"error: stopping after {self.restarts} actor failures (--max-actor-restarts "
-                             f"{self.args.max_actor_restarts} exhausted); the last one: {message}")
+            raise SystemExit(
+                f"error: stopping after {self.restarts} actor failures (--max-actor-restarts "
+                f"{self.args.max_actor_restarts} exhausted); the last one: {message}"
+            )
         self.start(i, generation=self.links[i].generation + 1)
 
     def close(self):
@@ -645,8 +671,17 @@ def train(args, agent, optimizer, actors, batch, writer):
             b_values = b_learner_values if args.realign else batch["values"][:T].flatten()
             bootstrap = agent.get_value(batch["obs"][T]) if args.realign else batch["values"][T]
             log_rhos = (b_learner_logprobs - b_logprobs).view(T, N) if args.realign else torch.zeros_like(rewards)
-            advantages, returns = compute_vtrace(rewards, b_values.view(T, N), bootstrap, batch["dones"], log_rhos,
-                                                 args.gamma, args.gae_lambda, args.rho_bar, args.c_bar)
+            advantages, returns = compute_vtrace(
+                rewards,
+                b_values.view(T, N),
+                bootstrap,
+                batch["dones"],
+                log_rhos,
+                args.gamma,
+                args.gae_lambda,
+                args.rho_bar,
+                args.c_bar,
+            )
             b_advantages, b_returns = advantages.flatten(), returns.flatten()
             tv_delta = adapt_tv_delta(args.tv_delta, b_rhos, args.tv_delta_rule)
 
@@ -661,8 +696,16 @@ def train(args, agent, optimizer, actors, batch, writer):
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
-                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages,
-                                                tv_delta, args.clip_coef, args.kl_coef, args.rho_bar)
+                pg_loss, pg_stats = policy_loss(
+                    args.policy_loss,
+                    newlogprob,
+                    b_logprobs[mb_inds],
+                    mb_advantages,
+                    tv_delta,
+                    args.clip_coef,
+                    args.kl_coef,
+                    args.rho_bar,
+                )
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -675,13 +718,19 @@ def train(args, agent, optimizer, actors, batch, writer):
                 with torch.no_grad():  # http://joschu.net/blog/kl-approx.html, against the behavior policy
                     logratio = newlogprob - b_logprobs[mb_inds]
                     ratio = logratio.exp()
-                    minibatch_stats.append({
-                        "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
-                        "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": (-logratio).mean().item(),
-                        "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
-                        "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
-                        "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
-                        "losses/filtered_frac": pg_stats["filtered_frac"], "losses/filter_gate_frac": pg_stats["gate"]})
+                    minibatch_stats.append(
+                        {
+                            "losses/policy_loss": pg_loss.item(),
+                            "losses/value_loss": v_loss.item(),
+                            "losses/entropy": entropy_loss.item(),
+                            "losses/old_approx_kl": (-logratio).mean().item(),
+                            "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
+                            "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
+                            "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
+                            "losses/filtered_frac": pg_stats["filtered_frac"],
+                            "losses/filter_gate_frac": pg_stats["gate"],
+                        }
+                    )
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
         explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
@@ -694,31 +743,47 @@ def train(args, agent, optimizer, actors, batch, writer):
         # non-finite element (0 if it has none).
         # The main block's `finally` stops the actors and closes the TensorBoard log; no model is saved.
         watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
-        watched["log-prob at the next observations"] = agent.get_action_and_value(batch["obs"][T],
-                                                                                  batch["actions"][-1])[1].detach()
+        watched["log-prob at the next observations"] = agent.get_action_and_value(batch["obs"][T], batch["actions"][-1])[
+            1
+        ].detach()
         if not torch.stack([value.isfinite().all() for value in watched.values()]).all():
             logged.update({name: value[~value.isfinite()][:1].sum().item() for name, value in watched.items()})
         if bad := [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]:
-            raise SystemExit(f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
-                             f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})")
+            raise SystemExit(
+                f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
+                f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})"
+            )
         actors.publish(agent)
-        logged.update({"losses/explained_variance": explained_var, "charts/kl_coef": args.kl_coef,
-                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "perf/learner_wait_s": learner_wait,
-                       "charts/SPS": int(global_step / (time.time() - start_time)), "charts/policy_lag": np.mean(lags),
-                       "charts/policy_lag_max": max(lags), "align/rho_mean": b_rhos.mean().item(),
-                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(), "charts/tv_delta": tv_delta,
-                       "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item(),
-                       "charts/behavior_version": np.mean([rollout["version"] for rollout in rollouts]),
-                       "charts/dropped_rollouts": dropped, "charts/actor_restarts": actors.restarts,
-                       "perf/actor_wait_s": np.mean([rollout["actor_wait_s"] for rollout in rollouts])})
+        logged.update(
+            {
+                "losses/explained_variance": explained_var,
+                "charts/kl_coef": args.kl_coef,
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "perf/learner_wait_s": learner_wait,
+                "charts/SPS": int(global_step / (time.time() - start_time)),
+                "charts/policy_lag": np.mean(lags),
+                "charts/policy_lag_max": max(lags),
+                "align/rho_mean": b_rhos.mean().item(),
+                "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
+                "charts/tv_delta": tv_delta,
+                "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item(),
+                "charts/behavior_version": np.mean([rollout["version"] for rollout in rollouts]),
+                "charts/dropped_rollouts": dropped,
+                "charts/actor_restarts": actors.restarts,
+                "perf/actor_wait_s": np.mean([rollout["actor_wait_s"] for rollout in rollouts]),
+            }
+        )
         for key, value in logged.items():
             writer.add_scalar(key, value, global_step)
         args.kl_coef = adapt_kl_coef(args.kl_coef, logged["losses/approx_kl"], args.kl_target)
         if iteration % 10 == 0 or iteration == num_iterations:
             recent = f"{np.mean(recent_returns):8.2f}" if recent_returns else "     n/a"
-            print(f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
-                  f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f} | "
-                  f"lag {logged['charts/policy_lag']:.2f}", flush=True)
+            print(
+                f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
+                f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f} | "
+                f"lag {logged['charts/policy_lag']:.2f}",
+                flush=True,
+            )
     return lag_counts
 
 
@@ -736,8 +801,11 @@ def check_args(args):
     rules += [
         ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
         ("total-timesteps", args.total_timesteps >= batch, f">= one batch ({batch} samples)"),
-        ("num-minibatches", args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-         f"a divisor of the batch ({batch} samples: rollouts x envs per actor x steps)"),
+        (
+            "num-minibatches",
+            args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+            f"a divisor of the batch ({batch} samples: rollouts x envs per actor x steps)",
+        ),
         ("c-bar", 0 < args.c_bar <= args.rho_bar, f"in (0, --rho-bar] = (0, {args.rho_bar}], as V-trace requires"),
         ("max-policy-lag", args.max_policy_lag is None or args.max_policy_lag >= 0, ">= 0 (or unset)"),
         ("max-actor-restarts", args.max_actor_restarts >= 0, ">= 0"),
@@ -751,13 +819,15 @@ def check_args(args):
     try:
         env = make_env(args.env_id, 0, False, "")()  # only to check its spaces: the learner steps no env
     except gym.error.Error as e:  # an unknown id, or a package it needs is missing (Atari ids: ale-py)
-        raise SystemExit(f"error: --env-id {args.env_id}: {e}")
+        raise SystemExit(f"error: --env-id {args.env_id}: {e}") from None
     env.close()
     vectors = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
     if not ((vectors or is_atari(args.env_id)) and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))):
-        raise SystemExit(f"error: --env-id {args.env_id} has {env.observation_space} observations, {env.action_space}"
-                         " actions; vaco_async_mp.py takes vector (1-D Box) observations or Atari frames, Discrete or"
-                         " Box actions")
+        raise SystemExit(
+            f"error: --env-id {args.env_id} has {env.observation_space} observations, {env.action_space}"
+            " actions; vaco_async_mp.py takes vector (1-D Box) observations or Atari frames, Discrete or"
+            " Box actions"
+        )
     return env.observation_space, env.action_space
 
 
@@ -783,8 +853,15 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            monitor_gym=True,
+            save_code=True,
+        )
     writer = SummaryWriter(f"runs/{run_name}")
     flag_table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
     writer.add_text("hyperparameters", f"|flag|value|\n|-|-|\n{flag_table}")
@@ -792,8 +869,12 @@ if __name__ == "__main__":
     agent = Agent(observation_space, action_space).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     # the learner's copy of a batch: its rollouts side by side along the env axis
-    batch = {key: buffer.to(device) for key, buffer in rollout_buffers(
-        args.num_steps, args.rollouts_per_batch * args.num_envs_per_actor, observation_space, action_space).items()}
+    batch = {
+        key: buffer.to(device)
+        for key, buffer in rollout_buffers(
+            args.num_steps, args.rollouts_per_batch * args.num_envs_per_actor, observation_space, action_space
+        ).items()
+    }
     stop_requested = False
 
     def request_stop(signum, frame):  # Ctrl-C, SIGTERM: end after this iteration, save; a second Ctrl-C aborts

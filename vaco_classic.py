@@ -131,10 +131,20 @@ class Agent(nn.Module):
         obs_dim = int(np.prod(observation_space.shape))
         self.continuous = isinstance(action_space, gym.spaces.Box)
         act_dim = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
-        self.critic = nn.Sequential(layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)),
-                                    nn.Tanh(), layer_init(nn.Linear(64, 1), std=1.0))
-        self.actor = nn.Sequential(layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)),
-                                   nn.Tanh(), layer_init(nn.Linear(64, act_dim), std=0.01))
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, 64)),
+            nn.Tanh(),
+            layer_init(nn.Linear(64, act_dim), std=0.01),
+        )
         if self.continuous:  # state-independent log standard deviation
             self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
@@ -279,12 +289,17 @@ def check_args(args):
     except gym.error.Error as e:  # an unknown id, or a package it needs is missing
         atari = isinstance(e, gym.error.UnregisteredEnv) and importlib.util.find_spec("ale_py") and __import__("ale_py")
         e = "Atari games run with vaco_atari.py (or vaco_async_mp.py)" if atari and args.env_id in gym.registry else e
-        raise SystemExit(f"error: --env-id {args.env_id}: {e}")
+        raise SystemExit(f"error: --env-id {args.env_id}: {e}") from None
     env.close()
-    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
-            and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))):
-        raise SystemExit(f"error: --env-id {args.env_id} has {env.observation_space} observations, {env.action_space}"
-                         " actions; vaco_classic.py takes vector (1-D Box) observations, Discrete or Box actions")
+    if not (
+        isinstance(env.observation_space, gym.spaces.Box)
+        and len(env.observation_space.shape) == 1
+        and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))
+    ):
+        raise SystemExit(
+            f"error: --env-id {args.env_id} has {env.observation_space} observations, {env.action_space}"
+            " actions; vaco_classic.py takes vector (1-D Box) observations, Discrete or Box actions"
+        )
 
 
 if __name__ == "__main__":
@@ -313,8 +328,15 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            monitor_gym=True,
+            save_code=True,
+        )
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -369,8 +391,7 @@ if __name__ == "__main__":
                 # time-limit truncation is not a real terminal: bootstrap the reward with the rollout critic
                 truncated = np.flatnonzero(truncations & ~terminations)
                 if len(truncated) > 0:
-                    final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]), dtype=torch.float32,
-                                                device=device)
+                    final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]), dtype=torch.float32, device=device)
                     with torch.no_grad():
                         rewards[step, truncated] += args.gamma * behavior.get_value(final_obs)
                 for i in np.flatnonzero(infos["final_info"].get("_episode", [])):
@@ -387,8 +408,17 @@ if __name__ == "__main__":
             # --no-realign: naive asynchronous PPO, GAE over the values of the behavior network (rho = 1)
             critic, b_values = (agent, b_learner_values) if args.realign else (behavior, values.flatten())
             log_rhos = (b_learner_logprobs - b_logprobs).view(T, N) if args.realign else torch.zeros_like(values)
-            advantages, returns = compute_vtrace(rewards, b_values.view(T, N), critic.get_value(next_obs), dones,
-                                                 log_rhos, args.gamma, args.gae_lambda, args.rho_bar, args.c_bar)
+            advantages, returns = compute_vtrace(
+                rewards,
+                b_values.view(T, N),
+                critic.get_value(next_obs),
+                dones,
+                log_rhos,
+                args.gamma,
+                args.gae_lambda,
+                args.rho_bar,
+                args.c_bar,
+            )
             b_advantages, b_returns = advantages.flatten(), returns.flatten()
             b_anchor_logprobs = b_learner_logprobs if args.tv_anchor == "learner" else b_logprobs
             tv_delta = adapt_tv_delta(args.tv_delta, (b_learner_logprobs - b_anchor_logprobs).exp(), args.tv_delta_rule)
@@ -406,8 +436,16 @@ if __name__ == "__main__":
                 if args.tv_anchor == "learner":  # the ratio is against pi_T: a truncated pi_T / beta corrects for beta
                     mb_advantages = mb_advantages * torch.clamp(b_rhos[mb_inds], max=args.rho_bar)
 
-                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_anchor_logprobs[mb_inds], mb_advantages,
-                                                tv_delta, args.clip_coef, args.kl_coef, args.rho_bar)
+                pg_loss, pg_stats = policy_loss(
+                    args.policy_loss,
+                    newlogprob,
+                    b_anchor_logprobs[mb_inds],
+                    mb_advantages,
+                    tv_delta,
+                    args.clip_coef,
+                    args.kl_coef,
+                    args.rho_bar,
+                )
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -420,13 +458,19 @@ if __name__ == "__main__":
                 with torch.no_grad():  # http://joschu.net/blog/kl-approx.html, against the behavior policy
                     logratio = newlogprob - b_logprobs[mb_inds]
                     ratio = logratio.exp()
-                    minibatch_stats.append({
-                        "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
-                        "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": (-logratio).mean().item(),
-                        "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
-                        "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
-                        "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
-                        "losses/filtered_frac": pg_stats["filtered_frac"], "losses/filter_gate_frac": pg_stats["gate"]})
+                    minibatch_stats.append(
+                        {
+                            "losses/policy_loss": pg_loss.item(),
+                            "losses/value_loss": v_loss.item(),
+                            "losses/entropy": entropy_loss.item(),
+                            "losses/old_approx_kl": (-logratio).mean().item(),
+                            "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
+                            "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
+                            "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
+                            "losses/filtered_frac": pg_stats["filtered_frac"],
+                            "losses/filter_gate_frac": pg_stats["gate"],
+                        }
+                    )
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
         explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
@@ -443,20 +487,33 @@ if __name__ == "__main__":
             logged.update({name: value[~value.isfinite()][:1].sum().item() for name, value in watched.items()})
         if bad := [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]:
             writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
-            raise SystemExit(f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
-                             f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})")
-        logged.update({"losses/explained_variance": explained_var, "charts/policy_lag": len(snapshots) - 1,
-                       "charts/learning_rate": optimizer.param_groups[0]["lr"], "align/rho_mean": b_rhos.mean().item(),
-                       "charts/SPS": int(global_step / (time.time() - start_time)), "charts/kl_coef": args.kl_coef,
-                       "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(), "charts/tv_delta": tv_delta,
-                       "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item()})
+            raise SystemExit(
+                f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
+                f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})"
+            )
+        logged.update(
+            {
+                "losses/explained_variance": explained_var,
+                "charts/policy_lag": len(snapshots) - 1,
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "align/rho_mean": b_rhos.mean().item(),
+                "charts/SPS": int(global_step / (time.time() - start_time)),
+                "charts/kl_coef": args.kl_coef,
+                "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
+                "charts/tv_delta": tv_delta,
+                "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item(),
+            }
+        )
         for key, value in logged.items():
             writer.add_scalar(key, value, global_step)
         args.kl_coef = adapt_kl_coef(args.kl_coef, logged["losses/approx_kl"], args.kl_target)
         if iteration % 10 == 0 or iteration == num_iterations:
             recent = f"{np.mean(recent_returns):8.2f}" if recent_returns else "     n/a"
-            print(f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
-                  f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f}", flush=True)
+            print(
+                f"step {global_step:>9} | return {recent} | SPS {logged['charts/SPS']:>6} | "
+                f"tv {logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f}",
+                flush=True,
+            )
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.pt"

@@ -189,11 +189,17 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     ids, ids_positions, forward = prompt_ids, positions[:, :width], model  # the prompt: not compiled (its width varies)
     for t in range(max_new_tokens):
-        logits = forward(input_ids=ids, attention_mask=mask, position_ids=ids_positions, past_key_values=cache,
-                         logits_to_keep=1).logits[:, -1]
+        logits = forward(
+            input_ids=ids, attention_mask=mask, position_ids=ids_positions, past_key_values=cache, logits_to_keep=1
+        ).logits[:, -1]
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = logp.argmax(-1) if generator is None else torch.multinomial(  # diverged weights: NaN log-probs go on
-            logp.exp().nan_to_num(1.0), 1, generator=generator)[:, 0]  # to the learner, which stops the run
+        token = (
+            logp.argmax(-1)
+            if generator is None
+            else torch.multinomial(  # diverged weights: NaN log-probs go on
+                logp.exp().nan_to_num(1.0), 1, generator=generator
+            )[:, 0]
+        )  # to the learner, which stops the run
         tokens[:, t] = token.masked_fill(done, pad_id)
         logprobs[:, t] = logp.gather(-1, token[:, None])[:, 0]
         valid[:, t] = ~done
@@ -220,11 +226,17 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completions, valid, temp
     pass with the same positions as sampling, so pi_T = beta up to rounding. The vocabulary-wide logits exist for
     LOGIT_CHUNK tokens at a time; with gradients each chunk is recomputed in the backward pass, not kept."""
     mask = torch.cat([prompt_mask, torch.ones_like(completions)], dim=-1)
-    hidden = model.base_model(input_ids=torch.cat([prompt_ids, completions], dim=-1), attention_mask=mask,
-                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).last_hidden_state
+    hidden = model.base_model(
+        input_ids=torch.cat([prompt_ids, completions], dim=-1),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=False,
+    ).last_hidden_state
     hidden = hidden[:, prompt_ids.shape[1] - 1 : -1][valid]  # the states that predict the valid completion tokens
-    chunks = [checkpoint(head_logprobs, model.get_output_embeddings(), h, y, temperature, use_reentrant=False)
-              for h, y in zip(hidden.split(LOGIT_CHUNK), completions[valid].split(LOGIT_CHUNK))]
+    chunks = [
+        checkpoint(head_logprobs, model.get_output_embeddings(), h, y, temperature, use_reentrant=False)
+        for h, y in zip(hidden.split(LOGIT_CHUNK), completions[valid].split(LOGIT_CHUNK))
+    ]
     return tuple(torch.cat(part) for part in zip(*chunks))  # log-probs, entropies
 
 
@@ -294,8 +306,9 @@ def minibatch_policy_gradient(model, micro_batches, behavior_logprob, advantages
         parts = [completion_logprobs(model, *micro_batch, args.temperature) for micro_batch in micro_batches]
     newlogprob, entropy = (torch.cat(part) for part in zip(*parts))
     newlogprob.requires_grad_(True)
-    pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, behavior_logprob, advantages, args.tv_delta,
-                                    args.clip_coef, kl_coef)
+    pg_loss, pg_stats = policy_loss(
+        args.policy_loss, newlogprob, behavior_logprob, advantages, args.tv_delta, args.clip_coef, kl_coef
+    )
     (token_grad,) = torch.autograd.grad(pg_loss, newlogprob)
     for micro_batch, grad in zip(micro_batches, token_grad.split([len(logprob) for logprob, _ in parts])):
         with compute_dtype:
@@ -310,8 +323,9 @@ def update(model, optimizer, batch, args, kl_coef, shuffler):
     recorded while sampling. Returns the mean over the minibatches of each logged statistic."""
     rewards = batch["reward"].view(-1, args.group_size)
     seq_advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
-    b_prompt_ids, b_prompt_mask, b_completions, b_valid, b_logprobs = (batch[key].to(model.device) for key in (
-        "prompt_ids", "prompt_mask", "completions", "valid", "behavior_logprob"))  # b_logprobs: log beta(y_t)
+    b_prompt_ids, b_prompt_mask, b_completions, b_valid, b_logprobs = (
+        batch[key].to(model.device) for key in ("prompt_ids", "prompt_mask", "completions", "valid", "behavior_logprob")
+    )  # b_logprobs: log beta(y_t)
     b_advantages = seq_advantages.reshape(-1, 1).to(model.device).expand_as(b_valid)
     batch_size, minibatch_size = len(b_valid), len(b_valid) // args.num_minibatches
     minibatch_stats = []
@@ -319,25 +333,33 @@ def update(model, optimizer, batch, args, kl_coef, shuffler):
         b_inds = torch.randperm(batch_size, generator=shuffler).to(model.device)
         for start in range(0, batch_size, minibatch_size):
             mb_inds = b_inds[start : start + minibatch_size]
-            micro_batches = [trim(b_prompt_ids[inds], b_prompt_mask[inds], b_completions[inds], b_valid[inds])
-                             for inds in mb_inds.split(args.micro_batch_size)]
+            micro_batches = [
+                trim(b_prompt_ids[inds], b_prompt_mask[inds], b_completions[inds], b_valid[inds])
+                for inds in mb_inds.split(args.micro_batch_size)
+            ]
             mb_valid = b_valid[mb_inds]  # 1-D token tensors from here on: padding never enters the loss
             mb_logprobs, mb_advantages = b_logprobs[mb_inds][mb_valid], b_advantages[mb_inds][mb_valid]
 
             optimizer.zero_grad()
             pg_loss, pg_stats, newlogprob, entropy = minibatch_policy_gradient(
-                model, micro_batches, mb_logprobs, mb_advantages, args, kl_coef)
+                model, micro_batches, mb_logprobs, mb_advantages, args, kl_coef
+            )
             nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
 
             logratio = newlogprob - mb_logprobs  # http://joschu.net/blog/kl-approx.html, against the behavior policy
-            minibatch_stats.append({
-                "losses/policy_loss": pg_loss.item(), "losses/entropy": entropy.mean().item(),
-                "losses/old_approx_kl": (-logratio).mean().item(),
-                "losses/approx_kl": ((logratio.exp() - 1) - logratio).mean().item(),
-                "losses/clipfrac": ((logratio.exp() - 1).abs() > args.clip_coef).float().mean().item(),
-                "losses/tv": pg_stats["tv"], "losses/filtered_frac": pg_stats["filtered_frac"],
-                "losses/filter_gate_frac": pg_stats["gate"]})
+            minibatch_stats.append(
+                {
+                    "losses/policy_loss": pg_loss.item(),
+                    "losses/entropy": entropy.mean().item(),
+                    "losses/old_approx_kl": (-logratio).mean().item(),
+                    "losses/approx_kl": ((logratio.exp() - 1) - logratio).mean().item(),
+                    "losses/clipfrac": ((logratio.exp() - 1).abs() > args.clip_coef).float().mean().item(),
+                    "losses/tv": pg_stats["tv"],
+                    "losses/filtered_frac": pg_stats["filtered_frac"],
+                    "losses/filter_gate_frac": pg_stats["gate"],
+                }
+            )
     logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
     return logged | {"align/tv_behavior": minibatch_stats[0]["losses/tv"]}  # first minibatch: pi_theta is still pi_T
 
@@ -347,15 +369,33 @@ def rollout(model, tokenizer, problems, args, eos_ids, generator=None):
     sequences at a time in the --dtype compute precision; returns a batch on the CPU with rewards and format flags."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [question for question, _ in problems], eos_ids.device)
     with torch.autocast(eos_ids.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        parts = [sample(model, ids, mask, args.max_new_tokens, args.temperature, eos_ids, tokenizer.pad_token_id,
-                        generator, args.compile_decode)
-                 for ids, mask in zip(prompt_ids.split(args.generation_batch_size),
-                                      prompt_mask.split(args.generation_batch_size))]
+        parts = [
+            sample(
+                model,
+                ids,
+                mask,
+                args.max_new_tokens,
+                args.temperature,
+                eos_ids,
+                tokenizer.pad_token_id,
+                generator,
+                args.compile_decode,
+            )
+            for ids, mask in zip(prompt_ids.split(args.generation_batch_size), prompt_mask.split(args.generation_batch_size))
+        ]
     completions, logprobs, valid = (torch.cat(part).cpu() for part in zip(*parts))
     texts = tokenizer.batch_decode(completions.masked_fill(~valid, tokenizer.pad_token_id), skip_special_tokens=True)
     scores = torch.tensor([reward_fn(text, gold) for text, (_, gold) in zip(texts, problems)])
-    return {"prompt_ids": prompt_ids.cpu(), "prompt_mask": prompt_mask.cpu(), "completions": completions,
-            "behavior_logprob": logprobs, "valid": valid, "reward": scores[:, 0], "format": scores[:, 1], "text": texts}
+    return {
+        "prompt_ids": prompt_ids.cpu(),
+        "prompt_mask": prompt_mask.cpu(),
+        "completions": completions,
+        "behavior_logprob": logprobs,
+        "valid": valid,
+        "reward": scores[:, 0],
+        "format": scores[:, 1],
+        "text": texts,
+    }
 
 
 def make_batch(model, version, tokenizer, problems, args, eos_ids, rng, generator):
@@ -475,23 +515,32 @@ def load_problems(args):
                 try:
                     records += to_pairs([json.loads(line)]) if line.strip() else []
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise SystemExit(f"error: {args.dataset_path}:{line_number}: not a GSM8K record "
-                                     f"{{\"question\", \"answer\"}} with the gold after '####' ({e!r})")
+                    raise SystemExit(
+                        f"error: {args.dataset_path}:{line_number}: not a GSM8K record "
+                        f'{{"question", "answer"}} with the gold after \'####\' ({e!r})'
+                    ) from None
         if len(records) < args.eval_samples + args.num_prompts:
-            raise SystemExit(f"error: {args.dataset_path} has {len(records)} records; it needs at least "
-                             f"--eval-samples (held out) + --num-prompts = {args.eval_samples + args.num_prompts}")
+            raise SystemExit(
+                f"error: {args.dataset_path} has {len(records)} records; it needs at least "
+                f"--eval-samples (held out) + --num-prompts = {args.eval_samples + args.num_prompts}"
+            )
         return records[: len(records) - args.eval_samples], records[len(records) - args.eval_samples :]
     if args.dataset == "synthetic":
-        return (to_pairs(make_synthetic_problems(10_000, args.seed, args.synthetic_max_number, args.synthetic_ops)),
-                to_pairs(make_synthetic_problems(args.eval_samples, args.seed + 10_000, args.synthetic_max_number,
-                                                 args.synthetic_ops)))
+        return (
+            to_pairs(make_synthetic_problems(10_000, args.seed, args.synthetic_max_number, args.synthetic_ops)),
+            to_pairs(
+                make_synthetic_problems(args.eval_samples, args.seed + 10_000, args.synthetic_max_number, args.synthetic_ops)
+            ),
+        )
     import datasets  # only here: it is slow to import and offline runs do not need it
 
     try:
         data = datasets.load_dataset("openai/gsm8k", "main")
     except Exception as e:
-        raise SystemExit(f"error: could not load openai/gsm8k ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         "offline, use --dataset synthetic or --dataset-path FILE.jsonl")
+        raise SystemExit(
+            f"error: could not load openai/gsm8k ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "offline, use --dataset synthetic or --dataset-path FILE.jsonl"
+        ) from None
     return to_pairs(data["train"]), to_pairs(data["test"])[: args.eval_samples]
 
 
@@ -505,37 +554,62 @@ def format_prompt(tokenizer, question):
 def encode_prompts(tokenizer, questions, device):
     """Prompt ids and mask, left-padded so that every completion starts at the same column (on CUDA to a multiple
     of 64 columns, so that the compiled decode step sees few shapes)."""
-    enc = tokenizer([format_prompt(tokenizer, q) for q in questions], return_tensors="pt", padding=True,
-                    pad_to_multiple_of=64 if torch.device(device).type == "cuda" else None,
-                    add_special_tokens=not tokenizer.chat_template)
+    enc = tokenizer(
+        [format_prompt(tokenizer, q) for q in questions],
+        return_tensors="pt",
+        padding=True,
+        pad_to_multiple_of=64 if torch.device(device).type == "cuda" else None,
+        add_special_tokens=not tokenizer.chat_template,
+    )
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def check_args(args):
     """Every flag's range, before anything is loaded or written: one line that names the flag, else nothing."""
+
     def require(ok, flag, valid):
         if not ok:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be {valid} (got {vars(args)[flag]!r})")
 
-    for flag, low in (("total_steps", 1), ("num_prompts", 1), ("group_size", 2), ("max_new_tokens", 1),
-                      ("generation_batch_size", 1), ("num_minibatches", 1), ("update_epochs", 1),
-                      ("micro_batch_size", 1), ("synthetic_max_number", 1), ("policy_lag", 0), ("eval_samples", 0),
-                      ("eval_every", 0)):
+    for flag, low in (
+        ("total_steps", 1),
+        ("num_prompts", 1),
+        ("group_size", 2),
+        ("max_new_tokens", 1),
+        ("generation_batch_size", 1),
+        ("num_minibatches", 1),
+        ("update_epochs", 1),
+        ("micro_batch_size", 1),
+        ("synthetic_max_number", 1),
+        ("policy_lag", 0),
+        ("eval_samples", 0),
+        ("eval_every", 0),
+    ):
         require(vars(args)[flag] >= low, flag, f">= {low}")
     for flag in ("learning_rate", "temperature", "max_grad_norm", "tv_delta", "clip_coef", "kl_coef", "kl_target"):
         value, zero_ok = vars(args)[flag], flag in ("kl_coef", "kl_target")  # every float flag must be finite
-        require(np.isfinite(value) and (value >= 0 if zero_ok else value > 0), flag,
-                f"finite and {'>=' if zero_ok else '>'} 0")
+        require(
+            np.isfinite(value) and (value >= 0 if zero_ok else value > 0), flag, f"finite and {'>=' if zero_ok else '>'} 0"
+        )
     require(args.synthetic_ops and set(args.synthetic_ops) <= set("+-*"), "synthetic_ops", "a subset of '+-*'")
-    require(args.num_prompts * args.group_size % args.num_minibatches == 0, "num_minibatches",
-            f"a divisor of the batch of --num-prompts x --group-size = {args.num_prompts * args.group_size}")
-    require(args.dataset_path or args.dataset in ("openai/gsm8k", "synthetic"), "dataset",
-            "openai/gsm8k or synthetic (or use --dataset-path FILE.jsonl)")
+    require(
+        args.num_prompts * args.group_size % args.num_minibatches == 0,
+        "num_minibatches",
+        f"a divisor of the batch of --num-prompts x --group-size = {args.num_prompts * args.group_size}",
+    )
+    require(
+        args.dataset_path or args.dataset in ("openai/gsm8k", "synthetic"),
+        "dataset",
+        "openai/gsm8k or synthetic (or use --dataset-path FILE.jsonl)",
+    )
     require(args.dataset_path is None or os.path.isfile(args.dataset_path), "dataset_path", "a file")
     path = args.model_name_or_path
     local = os.path.exists(path) or path.startswith(("/", ".", "~"))  # a local folder, not a hub id
-    require(not local or os.path.isfile(os.path.join(path, "config.json")), "model_name_or_path",
-            "a hub id or a model folder with a config.json")
+    require(
+        not local or os.path.isfile(os.path.join(path, "config.json")),
+        "model_name_or_path",
+        "a hub id or a model folder with a config.json",
+    )
 
 
 if __name__ == "__main__":
@@ -563,7 +637,7 @@ if __name__ == "__main__":
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: could not load {args.model_name_or_path}: {type(e).__name__}: {e}".splitlines()[0])
+        raise SystemExit(f"error: could not load {args.model_name_or_path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos = model.generation_config.eos_token_id  # an id, a list of ids or None
@@ -578,8 +652,14 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -588,12 +668,23 @@ if __name__ == "__main__":
     data_rng = np.random.default_rng(args.seed)
     sampler = torch.Generator(device).manual_seed(args.seed)  # own RNG streams: the two threads do not interleave
     shuffler = torch.Generator().manual_seed(args.seed + 1)
-    produce = partial(make_batch, tokenizer=tokenizer, problems=train_problems, args=args, eos_ids=eos_ids,
-                      rng=data_rng, generator=sampler)
+    produce = partial(
+        make_batch, tokenizer=tokenizer, problems=train_problems, args=args, eos_ids=eos_ids, rng=data_rng, generator=sampler
+    )
     weight_queue, batch_queue, stop = queue.Queue(), queue.Queue(maxsize=max(1, args.policy_lag)), threading.Event()
-    generator = threading.Thread(target=generator_thread, daemon=True, args=(
-        deepcopy(model).eval().requires_grad_(False), weight_queue, batch_queue, stop, produce, args,
-        torch.get_num_threads()))
+    generator = threading.Thread(
+        target=generator_thread,
+        daemon=True,
+        args=(
+            deepcopy(model).eval().requires_grad_(False),
+            weight_queue,
+            batch_queue,
+            stop,
+            produce,
+            args,
+            torch.get_num_threads(),
+        ),
+    )
     generator.start()
 
     # start
@@ -632,17 +723,27 @@ if __name__ == "__main__":
             logged = update(model, optimizer, batch, args, kl_coef, shuffler)
             finite = torch.stack([p.isfinite().all() for p in model.parameters()]).tolist()  # one host sync a step
             diverged = [k for k, v in logged.items() if not np.isfinite(v)] + [
-                f"parameter {name}" for (name, _), ok in zip(model.named_parameters(), finite) if not ok]
+                f"parameter {name}" for (name, _), ok in zip(model.named_parameters(), finite) if not ok
+            ]
             if diverged:  # before the weights reach the generator; the logs close, the model is not saved
-                raise SystemExit(f"error: diverged at step {step}: {diverged[0]} is not finite; try a lower "
-                                 f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm "
-                                 f"({args.max_grad_norm:g})")
+                raise SystemExit(
+                    f"error: diverged at step {step}: {diverged[0]} is not finite; try a lower "
+                    f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm "
+                    f"({args.max_grad_norm:g})"
+                )
             if step == 1:  # both threads held the same weights: pi_T / beta differs from 1 by rounding only
                 logged["align/numerical_floor"] = floor = 2 * logged["align/tv_behavior"]  # L1, the unit of delta
-                print(f"numerical floor of --dtype {args.dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "
-                      f"align/tv_behavior) against --tv-delta {args.tv_delta:g} (L1)" + (
-                      "\nwarning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; use "
-                      "--dtype float32 or a larger --tv-delta" if floor > args.tv_delta / 10 else ""), flush=True)
+                print(
+                    f"numerical floor of --dtype {args.dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "
+                    f"align/tv_behavior) against --tv-delta {args.tv_delta:g} (L1)"
+                    + (
+                        "\nwarning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; use "
+                        "--dtype float32 or a larger --tv-delta"
+                        if floor > args.tv_delta / 10
+                        else ""
+                    ),
+                    flush=True,
+                )
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version `step`
             if device.type == "cuda":  # the generator reads it on its own stream: finish the copy first
                 torch.cuda.current_stream().synchronize()
@@ -651,27 +752,39 @@ if __name__ == "__main__":
             num_tokens = int(batch["valid"].sum())
 
             # log the iteration
-            logged.update({
-                "charts/policy_lag": (step - 1) - batch["version"],  # versions between the generator's and pi_T
-                "charts/reward_mean": batch["reward"].mean().item(), "charts/kl_coef": kl_coef,
-                "charts/format_rate": batch["format"].mean().item(), "perf/train_s": train_s, "perf/step_s": step_s,
-                "charts/response_length": num_tokens / len(batch["valid"]), "perf/generate_s": batch["generate_s"],
-                "perf/generate_tokens_per_s": num_tokens / batch["generate_s"], "perf/wait_s": train_start - step_start,
-                "perf/tokens_per_s": num_tokens / step_s, "charts/learning_rate": optimizer.param_groups[0]["lr"]})
+            logged.update(
+                {
+                    "charts/policy_lag": (step - 1) - batch["version"],  # versions between the generator's and pi_T
+                    "charts/reward_mean": batch["reward"].mean().item(),
+                    "charts/kl_coef": kl_coef,
+                    "charts/format_rate": batch["format"].mean().item(),
+                    "perf/train_s": train_s,
+                    "perf/step_s": step_s,
+                    "charts/response_length": num_tokens / len(batch["valid"]),
+                    "perf/generate_s": batch["generate_s"],
+                    "perf/generate_tokens_per_s": num_tokens / batch["generate_s"],
+                    "perf/wait_s": train_start - step_start,
+                    "perf/tokens_per_s": num_tokens / step_s,
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                }
+            )
             for key, value in logged.items():
                 writer.add_scalar(key, value, step)
             kl_coef = adapt_kl_coef(kl_coef, logged["losses/approx_kl"], args.kl_target)  # fixed if kl_target = 0
-            print(f"step {step:>5} | reward {logged['charts/reward_mean']:.3f} | format "
-                  f"{logged['charts/format_rate']:.2f} | lag {logged['charts/policy_lag']} | tv "
-                  f"{logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f} | gen "
-                  f"{batch['generate_s']:.2f}s train {train_s:.2f}s", flush=True)
+            print(
+                f"step {step:>5} | reward {logged['charts/reward_mean']:.3f} | format "
+                f"{logged['charts/format_rate']:.2f} | lag {logged['charts/policy_lag']} | tv "
+                f"{logged['losses/tv']:.3f} | filtered {logged['losses/filtered_frac']:.3f} | gen "
+                f"{batch['generate_s']:.2f}s train {train_s:.2f}s",
+                flush=True,
+            )
             if args.eval_every > 0 and step % args.eval_every == 0 and step < args.total_steps:
                 evaluate(step)
         if not stop_requested:
             evaluate(args.total_steps)
     except Exception as e:  # one line, not a traceback from two threads
         hint = "; lower --micro-batch-size or --generation-batch-size" if isinstance(e, torch.OutOfMemoryError) else ""
-        raise SystemExit(f"error: stopped at step {step}: {type(e).__name__}: {e}".splitlines()[0] + hint)
+        raise SystemExit(f"error: stopped at step {step}: {type(e).__name__}: {e}".splitlines()[0] + hint) from None
     finally:
         stop.set()
         weight_queue.put(None)

@@ -1,4 +1,5 @@
 """Helpers shared by the test files: run a script as a user would, and read back what it logged."""
+
 import copy
 import importlib
 import os
@@ -15,10 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts import as modules: vaco_classic, vaco_atari, ...
 # README, "What is logged": what every script with a critic writes to TensorBoard
 SPEC_KEYS = {
-    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
-    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
-    "losses/clipfrac", "losses/explained_variance", "losses/tv", "losses/filtered_frac", "losses/filter_gate_frac",
-    "align/tv_behavior", "align/rho_mean", "align/rho_clipped_frac", "charts/policy_lag", "charts/kl_coef",
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/learning_rate",
+    "charts/SPS",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "losses/tv",
+    "losses/filtered_frac",
+    "losses/filter_gate_frac",
+    "align/tv_behavior",
+    "align/rho_mean",
+    "align/rho_clipped_frac",
+    "charts/policy_lag",
+    "charts/kl_coef",
     "charts/tv_delta",
 }
 
@@ -30,14 +46,27 @@ def script_env(env=None):
 
 def run_script(script, *args, cwd, timeout=600, env=None):
     """Run `python ROOT/script args...` in `cwd` to its end; returns the CompletedProcess (stdout, stderr apart)."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=script_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        env=script_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_script(script, *args, cwd, env=None, **popen_kwargs):
     """Start `python ROOT/script args...` in `cwd` and return the Popen at once (stderr merged into stdout, text)."""
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=script_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        env=script_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen_kwargs,
+    )
 
 
 def read_scalars(folder):
@@ -140,5 +169,8 @@ def run(tmp_path):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a learning run, a real multi-process run, Atari or the benchmark runner; "
-                                       "`pytest -m 'not slow'` skips them for a fast loop (CI runs everything)")
+    config.addinivalue_line(
+        "markers",
+        "slow: a learning run, a real multi-process run, Atari or the benchmark runner; "
+        "`pytest -m 'not slow'` skips them for a fast loop (CI runs everything)",
+    )

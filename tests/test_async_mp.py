@@ -1,5 +1,6 @@
 """vaco_async_mp.py: its flags, the policy its actors act with, its learner fed in-process rollouts of known lag (the
 measured lag, normalization under lag, ALIGN, FILTER), and the asynchronous system run as a user runs it."""
+
 import copy
 import inspect
 import math
@@ -20,43 +21,56 @@ import vaco_async_mp
 
 # a small fast-learning CartPole configuration shared by the runs below
 SMALL = ["--num-steps", "64", "--learning-rate", "2.5e-3"]
-ASYNC_KEYS = {"charts/policy_lag_max", "charts/behavior_version", "charts/dropped_rollouts", "charts/actor_restarts",
-              "charts/kl_coef", "perf/learner_wait_s", "perf/actor_wait_s"}
+ASYNC_KEYS = {
+    "charts/policy_lag_max",
+    "charts/behavior_version",
+    "charts/dropped_rollouts",
+    "charts/actor_restarts",
+    "charts/kl_coef",
+    "perf/learner_wait_s",
+    "perf/actor_wait_s",
+}
 
 
 # ---------------------------------------------------------------- flags and spaces
 
 
-@pytest.mark.parametrize("flags,message", [
-    ("--gamma 1.5", "--gamma must be in [0, 1] (got 1.5)"),
-    ("--gae-lambda -0.1", "--gae-lambda must be in [0, 1] (got -0.1)"),
-    ("--learning-rate -1", "--learning-rate must be > 0 (got -1.0)"),
-    ("--max-grad-norm 0", "--max-grad-norm must be > 0 (got 0.0)"),
-    ("--ent-coef -0.01", "--ent-coef must be >= 0 (got -0.01)"),
-    ("--vf-coef -1", "--vf-coef must be >= 0 (got -1.0)"),
-    ("--tv-delta 0", "--tv-delta must be > 0 (got 0.0)"),
-    ("--rho-bar 0", "--rho-bar must be > 0 (got 0.0)"),
-    ("--c-bar 2", "--c-bar must be in (0, --rho-bar] = (0, 1.0], as V-trace requires (got 2.0)"),
-    ("--clip-coef 0", "--clip-coef must be > 0 (got 0.0)"),
-    ("--kl-coef -1", "--kl-coef must be >= 0 (got -1.0)"),
-    ("--kl-target -0.01", "--kl-target must be >= 0 (got -0.01)"),
-    ("--num-actors 0", "--num-actors must be >= 1 (got 0)"),
-    ("--num-envs-per-actor 0", "--num-envs-per-actor must be >= 1 (got 0)"),
-    ("--num-steps 0", "--num-steps must be >= 1 (got 0)"),
-    ("--rollouts-per-batch 0", "--rollouts-per-batch must be >= 1 (got 0)"),
-    ("--update-epochs 0", "--update-epochs must be >= 1 (got 0)"),
-    ("--num-minibatches 0", "--num-minibatches must be a divisor of the batch (512 samples"),
-    ("--num-minibatches 3", "--num-minibatches must be a divisor of the batch (512 samples"),
-    ("--total-timesteps 100", "--total-timesteps must be >= one batch (512 samples) (got 100)"),
-    ("--max-policy-lag -1", "--max-policy-lag must be >= 0 (or unset) (got -1)"),
-    ("--seed -1", "--seed must be in [0, 2**32) (got -1)"),
-    ("--max-actor-restarts -1", "--max-actor-restarts must be >= 0 (got -1)"),
-    ("--wait-timeout 0", "--wait-timeout must be > 0 seconds (got 0.0)"),
-    ("--env-id NoSuchEnv-v9", "--env-id NoSuchEnv-v9: Environment `NoSuchEnv` doesn't exist"),
-    ("--env-id FrozenLake-v1", "FrozenLake-v1 has Discrete(16) observations, Discrete(4) actions; vaco_async_mp.py "
-                               "takes vector (1-D Box) observations or Atari frames, Discrete or Box actions"),
-    ("--env-id Blackjack-v1", "Blackjack-v1 has Tuple(Discrete(32), Discrete(11), Discrete(2)) observations"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ("--gamma 1.5", "--gamma must be in [0, 1] (got 1.5)"),
+        ("--gae-lambda -0.1", "--gae-lambda must be in [0, 1] (got -0.1)"),
+        ("--learning-rate -1", "--learning-rate must be > 0 (got -1.0)"),
+        ("--max-grad-norm 0", "--max-grad-norm must be > 0 (got 0.0)"),
+        ("--ent-coef -0.01", "--ent-coef must be >= 0 (got -0.01)"),
+        ("--vf-coef -1", "--vf-coef must be >= 0 (got -1.0)"),
+        ("--tv-delta 0", "--tv-delta must be > 0 (got 0.0)"),
+        ("--rho-bar 0", "--rho-bar must be > 0 (got 0.0)"),
+        ("--c-bar 2", "--c-bar must be in (0, --rho-bar] = (0, 1.0], as V-trace requires (got 2.0)"),
+        ("--clip-coef 0", "--clip-coef must be > 0 (got 0.0)"),
+        ("--kl-coef -1", "--kl-coef must be >= 0 (got -1.0)"),
+        ("--kl-target -0.01", "--kl-target must be >= 0 (got -0.01)"),
+        ("--num-actors 0", "--num-actors must be >= 1 (got 0)"),
+        ("--num-envs-per-actor 0", "--num-envs-per-actor must be >= 1 (got 0)"),
+        ("--num-steps 0", "--num-steps must be >= 1 (got 0)"),
+        ("--rollouts-per-batch 0", "--rollouts-per-batch must be >= 1 (got 0)"),
+        ("--update-epochs 0", "--update-epochs must be >= 1 (got 0)"),
+        ("--num-minibatches 0", "--num-minibatches must be a divisor of the batch (512 samples"),
+        ("--num-minibatches 3", "--num-minibatches must be a divisor of the batch (512 samples"),
+        ("--total-timesteps 100", "--total-timesteps must be >= one batch (512 samples) (got 100)"),
+        ("--max-policy-lag -1", "--max-policy-lag must be >= 0 (or unset) (got -1)"),
+        ("--seed -1", "--seed must be in [0, 2**32) (got -1)"),
+        ("--max-actor-restarts -1", "--max-actor-restarts must be >= 0 (got -1)"),
+        ("--wait-timeout 0", "--wait-timeout must be > 0 seconds (got 0.0)"),
+        ("--env-id NoSuchEnv-v9", "--env-id NoSuchEnv-v9: Environment `NoSuchEnv` doesn't exist"),
+        (
+            "--env-id FrozenLake-v1",
+            "FrozenLake-v1 has Discrete(16) observations, Discrete(4) actions; vaco_async_mp.py "
+            "takes vector (1-D Box) observations or Atari frames, Discrete or Box actions",
+        ),
+        ("--env-id Blackjack-v1", "Blackjack-v1 has Tuple(Discrete(32), Discrete(11), Discrete(2)) observations"),
+    ],
+)
 def test_a_bad_flag_stops_with_one_line_naming_it(flags, message):
     assert message in flag_error("vaco_async_mp.py", *flags.split())
 
@@ -87,8 +101,9 @@ def test_the_network_is_chosen_by_the_spaces():
 def test_an_actor_acts_with_the_statistics_published_with_its_weights():
     """Rollouts carry the version of the weights they were collected with, observation statistics included: their
     behavior log-probs are those of that version on the raw observations, not those of the learner's newer ones."""
-    args = vaco_async_mp.Args(env_id="Hopper-v5", num_actors=1, num_envs_per_actor=2, num_steps=16,
-                              rollouts_per_batch=1, wait_timeout=60)
+    args = vaco_async_mp.Args(
+        env_id="Hopper-v5", num_actors=1, num_envs_per_actor=2, num_steps=16, rollouts_per_batch=1, wait_timeout=60
+    )
     observation_space, action_space = vaco_async_mp.check_args(args)
     learner = vaco_async_mp.Agent(observation_space, action_space)
     with torch.no_grad():  # a policy whose mean action depends visibly on the observations (init scale: 0.01)
@@ -132,18 +147,23 @@ class InProcessActors:
     def __init__(self, args, agent, lags):
         self.args, self.version, self.restarts, self.lags = args, 0, 0, list(lags)
         self.published = [copy.deepcopy(agent)]
-        self.envs = gym.vector.SyncVectorEnv([vaco_async_mp.make_env(args.env_id, 0, False, "")],
-                                             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.envs = gym.vector.SyncVectorEnv(
+            [vaco_async_mp.make_env(args.env_id, 0, False, "")], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
         self.next_obs, _ = self.envs.reset(seed=args.seed)
         self.discounted = np.zeros(args.num_envs_per_actor)
-        self.slots = [vaco_async_mp.rollout_buffers(args.num_steps, args.num_envs_per_actor,
-                                                    self.envs.single_observation_space, self.envs.single_action_space)]
+        self.slots = [
+            vaco_async_mp.rollout_buffers(
+                args.num_steps, args.num_envs_per_actor, self.envs.single_observation_space, self.envs.single_action_space
+            )
+        ]
         self.given = []  # (the learner's version when asked, the rollout's version, a copy of the rollout)
 
     def next_rollout(self):
         version = self.version - min(self.lags.pop(0), self.version)
-        self.next_obs, episodes = vaco_async_mp.collect_rollout(self.args, self.published[version], self.envs,
-                                                                self.next_obs, self.discounted, self.slots[0])
+        self.next_obs, episodes = vaco_async_mp.collect_rollout(
+            self.args, self.published[version], self.envs, self.next_obs, self.discounted, self.slots[0]
+        )
         self.given.append((self.version, version, {k: v.clone() for k, v in self.slots[0].items()}))
         return {"slot": 0, "version": version, "episodes": episodes, "actor_wait_s": 0.0}
 
@@ -185,11 +205,25 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
     monkeypatch.setattr(gym, "make", lambda env_id, **kwargs: make(env_id, **{"max_episode_steps": 30, **kwargs}))
     monkeypatch.setattr(vaco_async_mp, "stop_requested", False, raising=False)
     env_steps = record_env_steps(monkeypatch, gym.vector.SyncVectorEnv)
-    updates = record_updates(monkeypatch, ["iteration", "mb_inds", "newlogprob", "pg_loss"],
-                             ["agent", "rewards", "b_obs", "b_actions", "b_logprobs", "b_advantages", "b_returns"])
-    args = vaco_async_mp.Args(env_id="Hopper-v5", num_envs_per_actor=1, num_steps=32, rollouts_per_batch=2,
-                              num_minibatches=2, update_epochs=2, total_timesteps=32 * 2 * 6, max_policy_lag=2,
-                              learning_rate=3e-3, tv_delta=0.05, seed=3, tv_delta_rule=rule)
+    updates = record_updates(
+        monkeypatch,
+        ["iteration", "mb_inds", "newlogprob", "pg_loss"],
+        ["agent", "rewards", "b_obs", "b_actions", "b_logprobs", "b_advantages", "b_returns"],
+    )
+    args = vaco_async_mp.Args(
+        env_id="Hopper-v5",
+        num_envs_per_actor=1,
+        num_steps=32,
+        rollouts_per_batch=2,
+        num_minibatches=2,
+        update_epochs=2,
+        total_timesteps=32 * 2 * 6,
+        max_policy_lag=2,
+        learning_rate=3e-3,
+        tv_delta=0.05,
+        seed=3,
+        tv_delta_rule=rule,
+    )
     observation_space, action_space = vaco_async_mp.check_args(args)
     torch.manual_seed(args.seed)
     agent = vaco_async_mp.Agent(observation_space, action_space)
@@ -207,8 +241,7 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
     assert writer.logged["charts/policy_lag"] == pytest.approx([np.mean(lags[i]) for i in iterations])
     assert writer.logged["charts/policy_lag_max"] == [max(lags[i]) for i in iterations]
     assert writer.logged["charts/dropped_rollouts"] == [len(asked[i]) - 2 for i in iterations]
-    assert writer.logged["charts/behavior_version"] == pytest.approx([np.mean([v for v, _ in kept[i]])
-                                                                      for i in iterations])
+    assert writer.logged["charts/behavior_version"] == pytest.approx([np.mean([v for v, _ in kept[i]]) for i in iterations])
     assert sum(writer.logged["charts/dropped_rollouts"]) >= 2 and max(writer.logged["charts/policy_lag_max"]) == 2
 
     # the actor's truncation values: V_beta(final obs) on a time limit, 0 on a real terminal
@@ -244,9 +277,17 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
             _, lp_T, _, v_T = pi_T.get_action_and_value(b_obs, b_actions)
             v_T_next = pi_T.get_value(columns["obs"][T])
         beta_logprobs = columns["logprobs"].flatten()
-        adv, ret = reference_vtrace(rewards.tolist(), v_T.view(T, N).tolist(), v_T_next.tolist(),
-                                    columns["dones"].tolist(), (lp_T - beta_logprobs).view(T, N).tolist(),
-                                    args.gamma, args.gae_lambda, 1.0, 1.0)
+        adv, ret = reference_vtrace(
+            rewards.tolist(),
+            v_T.view(T, N).tolist(),
+            v_T_next.tolist(),
+            columns["dones"].tolist(),
+            (lp_T - beta_logprobs).view(T, N).tolist(),
+            args.gamma,
+            args.gae_lambda,
+            1.0,
+            1.0,
+        )
         torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
         bound = args.tv_delta + ((lp_T - beta_logprobs).exp() - 1).abs().mean().item() * (rule == "forward")
@@ -360,9 +401,27 @@ def test_two_actors_learn_cartpole_with_a_bounded_lag_and_leave_no_process(tmp_p
 
 @pytest.mark.slow
 def test_hopper_with_the_kl_penalty_logs_returns_lag_and_the_statistics_version(run, tmp_path):
-    proc = run("vaco_async_mp.py", "--env-id", "Hopper-v5", "--num-actors", "2", "--num-envs-per-actor", "1",
-               "--num-steps", "128", "--total-timesteps", "4096", "--ent-coef", "0", "--learning-rate", "3e-4",
-               "--policy-loss", "ppo-kl", "--kl-target", "0.001")
+    proc = run(
+        "vaco_async_mp.py",
+        "--env-id",
+        "Hopper-v5",
+        "--num-actors",
+        "2",
+        "--num-envs-per-actor",
+        "1",
+        "--num-steps",
+        "128",
+        "--total-timesteps",
+        "4096",
+        "--ent-coef",
+        "0",
+        "--learning-rate",
+        "3e-4",
+        "--policy-loss",
+        "ppo-kl",
+        "--kl-target",
+        "0.001",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     logged = read_scalars(tmp_path / "runs")
     assert not (SPEC_KEYS | ASYNC_KEYS) - set(logged), f"keys missing; logged: {sorted(logged)}"
@@ -385,9 +444,23 @@ def test_lag_is_real_and_never_above_the_hard_filter(run, tmp_path):
     batches hold rollouts of an older version (lag > 0 is measured), and none older than --max-policy-lag enters a
     batch. How many are dropped depends on how the machine schedules the processes, so it is not asserted here: the
     hard filter's count is checked with rollouts of known lag in the in-process learner test above."""
-    proc = run("vaco_async_mp.py", "--num-actors", "4", "--num-envs-per-actor", "1", "--num-steps", "16",
-               "--rollouts-per-batch", "2", "--num-minibatches", "2", "--max-policy-lag", "1",
-               "--total-timesteps", "1600")
+    proc = run(
+        "vaco_async_mp.py",
+        "--num-actors",
+        "4",
+        "--num-envs-per-actor",
+        "1",
+        "--num-steps",
+        "16",
+        "--rollouts-per-batch",
+        "2",
+        "--num-minibatches",
+        "2",
+        "--max-policy-lag",
+        "1",
+        "--total-timesteps",
+        "1600",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     logged = read_scalars(tmp_path / "runs")
     assert max(values(logged, "charts/policy_lag")) > 0
@@ -412,7 +485,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_training_finishes(tmp_path):
 
 
 # imported at startup by every Python process of the run (PYTHONPATH=tmp_path), actors included
-CRASHING_ENV = '''
+CRASHING_ENV = """
 import gymnasium as gym
 from gymnasium.envs.classic_control import CartPoleEnv
 
@@ -426,7 +499,7 @@ class BrokenCartPole(CartPoleEnv):
 
 
 gym.register("BrokenCartPole-v0", entry_point=BrokenCartPole, max_episode_steps=500)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -436,8 +509,19 @@ def test_past_the_restart_limit_the_run_stops_with_the_actor_error(run, tmp_path
     # minutes (the subprocess timeout ends it first); a stop on the third failure takes seconds. The bound between
     # them is generous so that a busy machine cannot fail it.
     start = time.time()
-    proc = run("vaco_async_mp.py", "--env-id", "BrokenCartPole-v0", "--max-actor-restarts", "2", "--wait-timeout", 600,
-               "--total-timesteps", "5120", timeout=300, env={"PYTHONPATH": str(tmp_path)})
+    proc = run(
+        "vaco_async_mp.py",
+        "--env-id",
+        "BrokenCartPole-v0",
+        "--max-actor-restarts",
+        "2",
+        "--wait-timeout",
+        600,
+        "--total-timesteps",
+        "5120",
+        timeout=300,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert proc.returncode != 0
     assert "RuntimeError: the test env broke on purpose" in proc.stderr  # the actor's traceback, in the learner
     assert "stopping after 3 actor failures (--max-actor-restarts 2 exhausted)" in proc.stderr
@@ -482,8 +566,9 @@ def test_atari_ids_get_the_preprocessing_of_vaco_atari():
 
     def wrappers(env):  # the emulator's settings, then each wrapper with its settings (the reward's function apart)
         spec = env.spec
-        return spec.kwargs, [(w.name, {k: v for k, v in (w.kwargs or {}).items() if k != "func"})
-                             for w in spec.additional_wrappers]
+        return spec.kwargs, [
+            (w.name, {k: v for k, v in (w.kwargs or {}).items() if k != "func"}) for w in spec.additional_wrappers
+        ]
 
     def reward_functions(env):  # what each reward wrapper, innermost first, makes of a few rewards
         found = []
@@ -505,9 +590,25 @@ def test_atari_ids_get_the_preprocessing_of_vaco_atari():
 @pytest.mark.slow
 def test_atari_runs(run, tmp_path):
     pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
-    proc = run("vaco_async_mp.py", "--env-id", "ALE/Breakout-v5", "--num-actors", "1", "--num-envs-per-actor", "1",
-               "--num-steps", "16", "--rollouts-per-batch", "2", "--num-minibatches", "2", "--update-epochs", "1",
-               "--total-timesteps", "64")
+    proc = run(
+        "vaco_async_mp.py",
+        "--env-id",
+        "ALE/Breakout-v5",
+        "--num-actors",
+        "1",
+        "--num-envs-per-actor",
+        "1",
+        "--num-steps",
+        "16",
+        "--rollouts-per-batch",
+        "2",
+        "--num-minibatches",
+        "2",
+        "--update-epochs",
+        "1",
+        "--total-timesteps",
+        "64",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     logged = read_scalars(tmp_path / "runs")
     assert len(logged["charts/policy_lag"]) == 2 and len(logged["losses/tv"]) == 2

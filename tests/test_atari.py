@@ -1,6 +1,7 @@
 """vaco_atari.py: its Atari preprocessing, short runs as a user runs them (all logged keys, a loadable model, a critic
 that learns, ppo-kl's coefficient), and a one-line error for every bad flag. compute_vtrace and policy_loss, and what
 the training loop feeds them (lag, bootstrap, ALIGN, FILTER), are tested in test_spec_functions.py."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -103,6 +104,7 @@ def test_episodic_return_is_the_unclipped_score_of_the_whole_game(monkeypatch):
     game with the same seed, and compare its score with what the wrappers report. The emulator's rewards are
     replaced by a stream that a sign clip would change (7 per Breakout point, and -3.5 on every 97th frame), so a
     clip (or any other change of the rewards) under the episode statistics shows as a different score."""
+
     def stream(reward, frame):
         return 7.0 * reward - (3.5 if frame % 97 == 0 else 0.0)
 
@@ -158,15 +160,30 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("atari_runs")
     args = {
         "breakout": ["--seed", 1, "--total-timesteps", 10240, "--save-model", "--eval-episodes", 1],
-        "pong": ["--env-id", "ALE/Pong-v5", "--seed", 1, "--total-timesteps", 2048, "--num-envs", 1,
-                 "--num-steps", 1024, "--policy-lag", 1, "--policy-loss", "ppo-kl", "--kl-target", 0.01],
+        "pong": [
+            "--env-id",
+            "ALE/Pong-v5",
+            "--seed",
+            1,
+            "--total-timesteps",
+            2048,
+            "--num-envs",
+            1,
+            "--num-steps",
+            1024,
+            "--policy-lag",
+            1,
+            "--policy-loss",
+            "ppo-kl",
+            "--kl-target",
+            0.01,
+        ],
     }
     for name in args:
         (base / name).mkdir()
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(args, pool.map(lambda name: run_script(SCRIPT, *args[name], cwd=base / name, timeout=900),
-                                          args)))
-    for name, result in results.items():
+        results = dict(zip(args, pool.map(lambda name: run_script(SCRIPT, *args[name], cwd=base / name, timeout=900), args)))
+    for result in results.values():
         assert result.returncode == 0, result.stderr
     return {name: (base / name, result.stdout, read_scalars(base / name / "runs")) for name, result in results.items()}
 
@@ -221,11 +238,15 @@ def test_learner_anchor_differs_from_the_default_once_there_is_lag(tmp_path):
     for anchor in ("behavior", "learner"):
         (tmp_path / anchor).mkdir()
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda anchor: run_script(SCRIPT, *args, "--tv-anchor", anchor, cwd=tmp_path / anchor),
-                                ("behavior", "learner")))
+        results = list(
+            pool.map(
+                lambda anchor: run_script(SCRIPT, *args, "--tv-anchor", anchor, cwd=tmp_path / anchor), ("behavior", "learner")
+            )
+        )
     assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
-    default, learner = (values(read_scalars(tmp_path / anchor / "runs"), "losses/policy_loss")
-                        for anchor in ("behavior", "learner"))
+    default, learner = (
+        values(read_scalars(tmp_path / anchor / "runs"), "losses/policy_loss") for anchor in ("behavior", "learner")
+    )
     assert len(default) == len(learner) == 4
     assert learner[0] == pytest.approx(default[0], rel=1e-5)
     assert (np.abs(learner[1:] - default[1:]) > 1e-3 * np.abs(default[1:])).all(), (default, learner)

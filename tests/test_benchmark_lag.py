@@ -1,4 +1,5 @@
 """The opt-in lag benchmark's runner, on a tiny budget: run folders and flags, the summaries, the report, resuming."""
+
 import json
 import os
 import shutil
@@ -7,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, read_scalars
 
 TINY = "--total-timesteps 2048 --num-steps 128"  # 4 iterations of 4 envs x 128 steps
@@ -16,16 +16,44 @@ import benchmark_lag  # noqa: E402  (the runner as a module, for its summary and
 
 
 def benchmark(tmp_path, *args):
-    cmd = [sys.executable, str(ROOT / "tests" / "benchmark_lag.py"), "--out", str(tmp_path / "runs"), "--jobs", "2",
-           "--summaries", str(tmp_path / "summaries"), "--env-ids", "CartPole-v1", "--seeds", "1", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "benchmark_lag.py"),
+        "--out",
+        str(tmp_path / "runs"),
+        "--jobs",
+        "2",
+        "--summaries",
+        str(tmp_path / "summaries"),
+        "--env-ids",
+        "CartPole-v1",
+        "--seeds",
+        "1",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
 
 
 @pytest.mark.slow  # real runs of the scripts, two at a time
 def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
-    args = ["--methods", "vaco", "ppo-noalign", "--lags", "0", "--variants", "default", "tv-delta=0.4,rho-bar=2",
-            "--extra", TINY, "--results-dir", str(tmp_path / "results"), "--results-name", "{env}_sweep"]
+    args = [
+        "--methods",
+        "vaco",
+        "ppo-noalign",
+        "--lags",
+        "0",
+        "--variants",
+        "default",
+        "tv-delta=0.4,rho-bar=2",
+        "--extra",
+        TINY,
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--results-name",
+        "{env}_sweep",
+    ]
     first = benchmark(tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     names = ["vaco", "vaco+tv-delta=0.4,rho-bar=2", "ppo-noalign", "ppo-noalign+tv-delta=0.4,rho-bar=2"]
@@ -63,8 +91,10 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
     partial = benchmark(tmp_path, *args[:-4], "--seeds", "1", "2", "--report-only")
     assert partial.returncode == 0 and "done" not in partial.stdout, partial.stdout + partial.stderr
     assert "| vaco | 0 | 123.4 | " in partial.stdout and "--report-only" not in partial.stdout
-    missing = ", ".join(f"CartPole-v1__{n}__lag0__s2" for n in ["vaco", "vaco+tv-delta=0.4,rho-bar=2", "ppo-noalign",
-                                                                "ppo-noalign+tv-delta=0.4,rho-bar=2"])
+    missing = ", ".join(
+        f"CartPole-v1__{n}__lag0__s2"
+        for n in ["vaco", "vaco+tv-delta=0.4,rho-bar=2", "ppo-noalign", "ppo-noalign+tv-delta=0.4,rho-bar=2"]
+    )
     assert f"No summary yet for 4 of the grid's 8 runs: {missing}" in partial.stdout
     assert not (tmp_path / "runs").exists()
 
@@ -74,15 +104,27 @@ def test_real_lag_summary_holds_the_lag_of_every_trained_rollout(tmp_path):
     """vaco_async_mp.py, named as the studies' commands name it (relative to the repository's root, while each run
     starts in its own folder): the summary keeps the lag distribution the script prints, and the per-seed table
     shows it."""
-    result = benchmark(tmp_path, "--script", "vaco_async_mp.py", "--lags", "async", "--methods", "vaco",
-                       "--per-seed", "--extra", "--num-actors 2 --num-steps 64 --total-timesteps 2048")
+    result = benchmark(
+        tmp_path,
+        "--script",
+        "vaco_async_mp.py",
+        "--lags",
+        "async",
+        "--methods",
+        "vaco",
+        "--per-seed",
+        "--extra",
+        "--num-actors 2 --num-steps 64 --total-timesteps 2048",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    summary_file = tmp_path / "summaries" / "num-actors=2,num-steps=64,total-timesteps=2048" / \
-        "CartPole-v1__vaco__lagasync__s1.json"
+    summary_file = (
+        tmp_path / "summaries" / "num-actors=2,num-steps=64,total-timesteps=2048" / "CartPole-v1__vaco__lagasync__s1.json"
+    )
     lag = json.loads(summary_file.read_text())["lag"]
     printed = (tmp_path / "runs" / "CartPole-v1__vaco__lagasync__s1" / "stdout.txt").read_text().splitlines()[-1]
     assert printed == "policy lag of the trained rollouts (versions: count): " + str(
-        {int(k): v for k, v in lag["rollouts"].items()})
+        {int(k): v for k, v in lag["rollouts"].items()}
+    )
     assert sum(lag["rollouts"].values()) == 2048 // (2 * 64)  # every rollout (2 envs per actor x 64 steps), once
     assert max(int(k) for k in lag["rollouts"]) == lag["max"]
     assert "rollouts by lag " + ", ".join(f"{k}: {v}" for k, v in lag["rollouts"].items()) in result.stdout
@@ -123,9 +165,12 @@ def test_auc_is_the_trapezoid_over_unevenly_spaced_episodes_divided_by_their_spa
 def test_tables_show_mean_and_sample_std_and_say_so():
     """± is the sample standard deviation (ddof = 1): AUC 10, 20, 60 has mean 30 and std 26.5 (ddof = 0 would be
     21.6); the table says what ± is; a single seed shows its value without a spread."""
-    results = {benchmark_lag.run_tag("CartPole-v1", "vaco", "default", 0, s): dict(auc=a, final=a + 1, sps=100.0,
-                                                                                   wall_s=10.0, lag=None)
-               for s, a in [(1, 10.0), (2, 20.0), (3, 60.0)]}
+    results = {
+        benchmark_lag.run_tag("CartPole-v1", "vaco", "default", 0, s): dict(
+            auc=a, final=a + 1, sps=100.0, wall_s=10.0, lag=None
+        )
+        for s, a in [(1, 10.0), (2, 20.0), (3, 60.0)]
+    }
     report = benchmark_lag.markdown_report(results, "CartPole-v1", ["vaco"], [0], [1, 2, 3], False, "cmd")
     assert "| vaco | 0 | 30.0 ± 26.5 | 31.0 ± 26.5 | – | 100 | 3 |" in report
     assert "mean ± sample standard deviation (ddof = 1)" in report
@@ -139,8 +184,13 @@ def test_summaries_record_what_the_filter_did_and_the_table_shows_it(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path / "run"))
-    logged = {"losses/filter_gate_frac": [0.0, 0.5, 1.0], "losses/filtered_frac": [0.0, 0.1, 0.2],
-              "align/tv_behavior": [0.0, 0.05, 0.1], "losses/tv": [0.1, 0.1, 0.4], "charts/tv_delta": [0.2, 0.3, 0.4]}
+    logged = {
+        "losses/filter_gate_frac": [0.0, 0.5, 1.0],
+        "losses/filtered_frac": [0.0, 0.1, 0.2],
+        "align/tv_behavior": [0.0, 0.05, 0.1],
+        "losses/tv": [0.1, 0.1, 0.4],
+        "charts/tv_delta": [0.2, 0.3, 0.4],
+    }
     for key, series in logged.items():
         for step, value in enumerate(series):
             writer.add_scalar(key, value, 2048 * (step + 1))
@@ -150,9 +200,12 @@ def test_summaries_record_what_the_filter_did_and_the_table_shows_it(tmp_path):
     assert gate == pytest.approx({"closed": 0.5, "dropped": 0.1, "tv_behavior": 0.05, "tv": 0.2, "tv_delta": 0.3})
     old = dict(gate, closed=1.0)
     del old["tv_delta"]
-    results = {benchmark_lag.run_tag("Hopper-v5", "vaco", "default", 8, s): dict(auc=1.0, final=1.0, sps=1.0,
-                                                                                 wall_s=1.0, lag=None, gate=g)
-               for s, g in [(1, gate), (2, old)]}
+    results = {
+        benchmark_lag.run_tag("Hopper-v5", "vaco", "default", 8, s): dict(
+            auc=1.0, final=1.0, sps=1.0, wall_s=1.0, lag=None, gate=g
+        )
+        for s, g in [(1, gate), (2, old)]
+    }
     report = benchmark_lag.markdown_report(results, "Hopper-v5", ["vaco"], [8], [1, 2], False, "cmd")
     assert "| vaco | 8 | 0.750 | 0.100 | 0.050 | 0.200 | – | 2 |" in report
     only_new = benchmark_lag.markdown_report(results, "Hopper-v5", ["vaco"], [8], [1], False, "cmd")

@@ -1,5 +1,6 @@
 """vaco_classic.py run as a user runs it: logged keys, learning, lag, the loss variants, reproducibility on any thread
 count, saving, bad flags, Ctrl-C."""
+
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +28,14 @@ def logged(folder, *args, monkeypatch=None):
     return read_scalars(folder / "runs")
 
 
-@pytest.mark.parametrize("env_args", [
-    ["--env-id", "CartPole-v1", "--total-timesteps", 2560, "--policy-lag", 2],
-    ["--env-id", "Hopper-v5", "--total-timesteps", 2048, "--num-envs", 1, "--num-steps", 512, "--policy-lag", 1],
-], ids=["discrete-CartPole", "continuous-Hopper"])
+@pytest.mark.parametrize(
+    "env_args",
+    [
+        ["--env-id", "CartPole-v1", "--total-timesteps", 2560, "--policy-lag", 2],
+        ["--env-id", "Hopper-v5", "--total-timesteps", 2048, "--num-envs", 1, "--num-steps", 512, "--policy-lag", 1],
+    ],
+    ids=["discrete-CartPole", "continuous-Hopper"],
+)
 def test_smoke_run_writes_every_documented_key_and_a_loadable_model(run, tmp_path, env_args):
     result = run(SCRIPT, *env_args, "--save-model", "--eval-episodes", 2)
     assert result.returncode == 0, result.stderr
@@ -53,9 +58,17 @@ def learning_runs(tmp_path_factory):
     on the two cores."""
     folders = {lag: tmp_path_factory.mktemp(f"lag{lag}") for lag in (0, 2)}
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(folders, pool.map(
-            lambda lag: run_script(SCRIPT, "--seed", 1, "--total-timesteps", 100_000, "--policy-lag", lag,
-                                   cwd=folders[lag]), folders)))
+        results = dict(
+            zip(
+                folders,
+                pool.map(
+                    lambda lag: run_script(
+                        SCRIPT, "--seed", 1, "--total-timesteps", 100_000, "--policy-lag", lag, cwd=folders[lag]
+                    ),
+                    folders,
+                ),
+            )
+        )
     for result in results.values():
         assert result.returncode == 0, result.stderr
     return {lag: read_scalars(folder / "runs") for lag, folder in folders.items()}
@@ -86,8 +99,10 @@ def test_same_seed_gives_identical_losses_and_another_seed_does_not(tmp_path, mo
     """A run of its own process and a run inside this one, at the same seed, log the same losses to the last digit;
     another seed does not."""
     logs = [logged(tmp_path / "a", "--seed", 7, "--total-timesteps", 1536, "--policy-lag", 1)]
-    logs += [logged(tmp_path / name, "--seed", seed, "--total-timesteps", 1536, "--policy-lag", 1,
-                    monkeypatch=monkeypatch) for name, seed in [("b", 7), ("c", 8)]]
+    logs += [
+        logged(tmp_path / name, "--seed", seed, "--total-timesteps", 1536, "--policy-lag", 1, monkeypatch=monkeypatch)
+        for name, seed in [("b", 7), ("c", 8)]
+    ]
     for key in LOSS_KEYS:
         np.testing.assert_array_equal(values(logs[0], key), values(logs[1], key))
     assert not np.array_equal(values(logs[0], "losses/value_loss"), values(logs[2], "losses/value_loss"))
@@ -99,8 +114,13 @@ def test_the_thread_count_of_the_machine_does_not_change_a_run(tmp_path):
     logs = []
     for threads in ("1", "2"):  # the environment chooses the thread count
         (tmp_path / threads).mkdir()
-        result = run_script(SCRIPT, "--total-timesteps", "5120", cwd=tmp_path / threads,
-                            env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        result = run_script(
+            SCRIPT,
+            "--total-timesteps",
+            "5120",
+            cwd=tmp_path / threads,
+            env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        )
         assert result.returncode == 0, result.stderr
         logs.append(read_scalars(tmp_path / threads / "runs"))
     for key in LOSS_KEYS + ["losses/explained_variance"]:
@@ -113,8 +133,10 @@ def test_learner_anchor_is_the_default_without_lag(tmp_path, monkeypatch):
     every logged loss stays within the README's ~1e-5 of the default's (on this machine they are bit-identical), and
     the first iteration, before any update, is the default to the last digit. (That the weight and the anchor are
     exactly the spec's under lag is checked step by step in test_spec_functions.py.)"""
-    runs = {anchor: logged(tmp_path / anchor, "--total-timesteps", 2048, "--tv-anchor", anchor,
-                           monkeypatch=monkeypatch) for anchor in ("behavior", "learner")}
+    runs = {
+        anchor: logged(tmp_path / anchor, "--total-timesteps", 2048, "--tv-anchor", anchor, monkeypatch=monkeypatch)
+        for anchor in ("behavior", "learner")
+    }
     for key in LOSS_KEYS:
         default, learner = values(runs["behavior"], key), values(runs["learner"], key)
         assert len(default) == 4 and default[0] == learner[0], key
@@ -122,11 +144,22 @@ def test_learner_anchor_is_the_default_without_lag(tmp_path, monkeypatch):
 
 
 def test_ppo_kl_logs_its_coefficient_fixed_or_adapted_by_the_ppo_rule(tmp_path, monkeypatch):
-    fixed = logged(tmp_path / "fixed", "--policy-loss", "ppo-kl", "--kl-coef", 0.3, "--total-timesteps", 2560,
-                   monkeypatch=monkeypatch)
+    fixed = logged(
+        tmp_path / "fixed", "--policy-loss", "ppo-kl", "--kl-coef", 0.3, "--total-timesteps", 2560, monkeypatch=monkeypatch
+    )
     assert values(fixed, "charts/kl_coef").tolist() == pytest.approx([0.3] * 5)
-    adaptive = logged(tmp_path / "adaptive", "--policy-loss", "ppo-kl", "--kl-target", 0.002, "--policy-lag", 2,
-                      "--total-timesteps", 5120, monkeypatch=monkeypatch)
+    adaptive = logged(
+        tmp_path / "adaptive",
+        "--policy-loss",
+        "ppo-kl",
+        "--kl-target",
+        0.002,
+        "--policy-lag",
+        2,
+        "--total-timesteps",
+        5120,
+        monkeypatch=monkeypatch,
+    )
     coef, kl = values(adaptive, "charts/kl_coef"), values(adaptive, "losses/approx_kl")
     expected = [0.1]
     for k in kl[:-1]:  # x2 above 1.5 targets, /2 below target / 1.5, from the iteration's mean KL against beta
@@ -139,29 +172,57 @@ def test_the_forward_rule_logs_delta_plus_the_backward_lag_and_fixed_logs_delta(
     """charts/tv_delta, the bound FILTER used: --tv-delta itself by default, and with --tv-delta-rule forward --tv-delta
     plus the batch's L1 mean|pi_T/beta - 1| = 2 x align/tv_behavior, which lag 2 makes larger than delta; at lag 0
     the forward rule runs the default's iterations (the bound differs only by float rounding)."""
-    fixed = logged(tmp_path / "fixed", "--tv-delta", 0.1, "--policy-lag", 2, "--total-timesteps", 2560,
-                   monkeypatch=monkeypatch)
+    fixed = logged(
+        tmp_path / "fixed", "--tv-delta", 0.1, "--policy-lag", 2, "--total-timesteps", 2560, monkeypatch=monkeypatch
+    )
     assert values(fixed, "charts/tv_delta").tolist() == pytest.approx([0.1] * 5, rel=1e-7)
-    forward = logged(tmp_path / "forward", "--tv-delta", 0.1, "--tv-delta-rule", "forward", "--policy-lag", 2,
-                     "--total-timesteps", 2560, monkeypatch=monkeypatch)
+    forward = logged(
+        tmp_path / "forward",
+        "--tv-delta",
+        0.1,
+        "--tv-delta-rule",
+        "forward",
+        "--policy-lag",
+        2,
+        "--total-timesteps",
+        2560,
+        monkeypatch=monkeypatch,
+    )
     bound, lag_tv = values(forward, "charts/tv_delta"), values(forward, "align/tv_behavior")
     assert bound == pytest.approx(0.1 + 2 * lag_tv, rel=1e-5)
     assert (bound[1:] > 0.1 + 1e-3).all(), f"lag 2 should widen the bound after the first iteration: {bound}"
-    no_lag = {rule: logged(tmp_path / f"{rule}0", "--tv-delta-rule", rule, "--total-timesteps", 2048,
-                           monkeypatch=monkeypatch) for rule in ("fixed", "forward")}
+    no_lag = {
+        rule: logged(tmp_path / f"{rule}0", "--tv-delta-rule", rule, "--total-timesteps", 2048, monkeypatch=monkeypatch)
+        for rule in ("fixed", "forward")
+    }
     assert values(no_lag["forward"], "charts/tv_delta") == pytest.approx([0.2] * 4, abs=1e-5)
     for key in LOSS_KEYS:
-        np.testing.assert_allclose(values(no_lag["forward"], key), values(no_lag["fixed"], key), rtol=1e-5,
-                                   atol=1e-8, err_msg=key)
+        np.testing.assert_allclose(
+            values(no_lag["forward"], key), values(no_lag["fixed"], key), rtol=1e-5, atol=1e-8, err_msg=key
+        )
 
 
 def test_help_lists_the_vaco_flags(tmp_path, monkeypatch, capsys):
     error, _ = run_main(SCRIPT, "--help", cwd=tmp_path, monkeypatch=monkeypatch)
     assert error.code == 0
     help_text = capsys.readouterr().out
-    for flag in ["--tv-delta", "--rho-bar", "--c-bar", "--realign", "--no-realign", "--policy-loss", "--clip-coef",
-                 "--kl-coef", "--kl-target", "--tv-anchor", "--tv-delta-rule", "ppo-kl", "--policy-lag", "--save-model",
-                 "--eval-episodes"]:
+    for flag in [
+        "--tv-delta",
+        "--rho-bar",
+        "--c-bar",
+        "--realign",
+        "--no-realign",
+        "--policy-loss",
+        "--clip-coef",
+        "--kl-coef",
+        "--kl-target",
+        "--tv-anchor",
+        "--tv-delta-rule",
+        "ppo-kl",
+        "--policy-lag",
+        "--save-model",
+        "--eval-episodes",
+    ]:
         assert flag in help_text, flag
 
 
@@ -188,8 +249,11 @@ BAD_FLAGS = [
     (["--eval-episodes", -1], "--eval-episodes must be >= 0"),
     (["--seed", -1], "--seed must be in [0, 2**32)"),
     (["--env-id", "NoSuchEnv-v0"], "--env-id NoSuchEnv-v0: Environment `NoSuchEnv` doesn't exist"),
-    (["--env-id", "FrozenLake-v1"], "FrozenLake-v1 has Discrete(16) observations, Discrete(4) actions; "
-                                     "vaco_classic.py takes vector (1-D Box) observations"),
+    (
+        ["--env-id", "FrozenLake-v1"],
+        "FrozenLake-v1 has Discrete(16) observations, Discrete(4) actions; "
+        "vaco_classic.py takes vector (1-D Box) observations",
+    ),
     (["--env-id", "Blackjack-v1"], "Blackjack-v1 has Tuple(Discrete(32), Discrete(11), Discrete(2)) observations"),
 ]
 

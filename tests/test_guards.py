@@ -1,5 +1,6 @@
 """What a user meets when the input or the run goes wrong, in every script with a critic: a non-finite float flag
 and a diverged run each stop with one line (no traceback), and vaco_classic.py names the script an Atari id needs."""
+
 import dataclasses
 import importlib
 import json
@@ -19,8 +20,7 @@ def float_flags(script):
     return [f"--{field.name.replace('_', '-')}" for field in fields if field.type in (float, "float")]
 
 
-FLOAT_CASES = [(script, flag, value) for script in SCRIPTS for flag in float_flags(script)
-               for value in ("inf", "-inf", "nan")]
+FLOAT_CASES = [(script, flag, value) for script in SCRIPTS for flag in float_flags(script) for value in ("inf", "-inf", "nan")]
 
 
 def test_the_float_flags_are_found():
@@ -69,15 +69,24 @@ DIVERGING = [
     ("vaco_async_mp.py", ["--learning-rate", "1e20", *ONE_STEP], 2, "losses/value_loss"),
     ("vaco_async_mp.py", ["--env-id", "Pendulum-v1", "--learning-rate", 1000, *ONE_STEP], 1, "log-prob at the next"),
 ]
-MESSAGE = re.compile(r"error: diverged at step (\d+) \(iteration (\d+)\): (\S.*) is (-?inf|nan); "
-                     r"try a lower --learning-rate \((\S+)\) or --max-grad-norm \(0\.5\)")
+MESSAGE = re.compile(
+    r"error: diverged at step (\d+) \(iteration (\d+)\): (\S.*) is (-?inf|nan); "
+    r"try a lower --learning-rate \((\S+)\) or --max-grad-norm \(0\.5\)"
+)
 
 
-@pytest.mark.parametrize("script,flags,stop,quantity", [  # the Atari and multi-process cases are slow
-    pytest.param(*case, marks=[pytest.mark.slow] if case[0] != "vaco_classic.py" else [],
-                 id=f"{case[0]} {' '.join(map(str, case[1]))}") for case in DIVERGING])
-def test_a_diverged_run_stops_with_one_line_keeps_its_log_and_saves_no_model(run, tmp_path, script, flags, stop,
-                                                                             quantity):
+@pytest.mark.parametrize(
+    "script,flags,stop,quantity",
+    [  # the Atari and multi-process cases are slow
+        pytest.param(
+            *case,
+            marks=[pytest.mark.slow] if case[0] != "vaco_classic.py" else [],
+            id=f"{case[0]} {' '.join(map(str, case[1]))}",
+        )
+        for case in DIVERGING
+    ],
+)
+def test_a_diverged_run_stops_with_one_line_keeps_its_log_and_saves_no_model(run, tmp_path, script, flags, stop, quantity):
     result = run(script, *TINY[script], *flags, "--save-model", timeout=300)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
@@ -126,21 +135,25 @@ print(json.dumps(messages))
 
 def test_an_atari_id_names_the_scripts_that_take_it():
     ids = ["PongNoFrameskip-v4", "NoSuchEnv-v0", "NeedsAMissingPackage-v0"]  # ALE/Pong-v5: the next test
-    result = subprocess.run([sys.executable, "-c", ATARI_PROBE.format(root=str(ROOT)), *ids], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", ATARI_PROBE.format(root=str(ROOT)), *ids], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     messages = json.loads(result.stdout)
-    assert messages["PongNoFrameskip-v4"] == ("error: --env-id PongNoFrameskip-v4: Atari games run with vaco_atari.py "
-                                              "(or vaco_async_mp.py)")
+    assert messages["PongNoFrameskip-v4"] == (
+        "error: --env-id PongNoFrameskip-v4: Atari games run with vaco_atari.py (or vaco_async_mp.py)"
+    )
     # an unknown id, and a known one whose package is missing, keep gymnasium's own message
     assert messages["NoSuchEnv-v0"] == "error: --env-id NoSuchEnv-v0: Environment `NoSuchEnv` doesn't exist."
-    assert messages["NeedsAMissingPackage-v0"] == ("error: --env-id NeedsAMissingPackage-v0: "
-                                                   "a package this task needs is missing")
+    assert messages["NeedsAMissingPackage-v0"] == (
+        "error: --env-id NeedsAMissingPackage-v0: a package this task needs is missing"
+    )
 
 
 def test_an_atari_id_on_the_command_line_is_one_line_on_stderr(run, tmp_path):
     result = run("vaco_classic.py", "--env-id", "ALE/Pong-v5", timeout=120)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "error: --env-id ALE/Pong-v5: Atari games run with vaco_atari.py (or vaco_async_mp.py)"], result.stderr
+        "error: --env-id ALE/Pong-v5: Atari games run with vaco_atari.py (or vaco_async_mp.py)"
+    ], result.stderr
     assert not (tmp_path / "runs").exists()

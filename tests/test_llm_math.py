@@ -2,6 +2,7 @@
 step-by-step reference, the learner's log-probs and micro-batched gradient, end-to-end runs (logged keys, asynchrony,
 numerics, a failing thread, Ctrl-C), bad flags, and learning on an easy synthetic setting; a real pretrained model is
 opt-in."""
+
 import importlib.util
 import json
 import os
@@ -24,11 +25,30 @@ SCRIPT = "vaco_llm_math.py"
 EOS = "<|endoftext|>"
 # every key the README documents for this script
 DOCUMENTED_KEYS = [
-    "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac",
-    "losses/tv", "losses/filtered_frac", "losses/filter_gate_frac", "align/tv_behavior", "charts/policy_lag",
-    "charts/learning_rate", "charts/kl_coef", "charts/reward_mean", "charts/format_rate", "charts/response_length",
-    "perf/generate_s", "perf/generate_tokens_per_s", "perf/train_s", "perf/wait_s", "perf/step_s",
-    "perf/tokens_per_s", "eval/accuracy", "eval/format_rate", "align/numerical_floor",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/tv",
+    "losses/filtered_frac",
+    "losses/filter_gate_frac",
+    "align/tv_behavior",
+    "charts/policy_lag",
+    "charts/learning_rate",
+    "charts/kl_coef",
+    "charts/reward_mean",
+    "charts/format_rate",
+    "charts/response_length",
+    "perf/generate_s",
+    "perf/generate_tokens_per_s",
+    "perf/train_s",
+    "perf/wait_s",
+    "perf/step_s",
+    "perf/tokens_per_s",
+    "eval/accuracy",
+    "eval/format_rate",
+    "align/numerical_floor",
 ]
 
 
@@ -37,21 +57,32 @@ def build_tiny_model(path, hidden=64, chat_template=None, seed=0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    texts = [f"Question: {p['question']}\n{llm.INSTRUCTION}\nAnswer: {p['answer']} \\boxed{{{i}}}"
-             for i, p in enumerate(llm.make_synthetic_problems(1000, 0))]
+    texts = [
+        f"Question: {p['question']}\n{llm.INSTRUCTION}\nAnswer: {p['answer']} \\boxed{{{i}}}"
+        for i, p in enumerate(llm.make_synthetic_problems(1000, 0))
+    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
     Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -73,9 +104,25 @@ def load(path):
 
 def tiny_run_flags(model_dir, *extra):
     """A short run on the tiny model: small answers (1..2 + 1..2), so a random model is sometimes right and learns."""
-    return ["--model-name-or-path", model_dir, "--dataset", "synthetic", "--synthetic-max-number", "2",
-            "--num-prompts", "8", "--group-size", "8", "--max-new-tokens", "16", "--micro-batch-size", "16",
-            "--eval-samples", "8", *extra]
+    return [
+        "--model-name-or-path",
+        model_dir,
+        "--dataset",
+        "synthetic",
+        "--synthetic-max-number",
+        "2",
+        "--num-prompts",
+        "8",
+        "--group-size",
+        "8",
+        "--max-new-tokens",
+        "16",
+        "--micro-batch-size",
+        "16",
+        "--eval-samples",
+        "8",
+        *extra,
+    ]
 
 
 def run_in_process(tmp_path, monkeypatch, *flags):
@@ -116,10 +163,26 @@ def test_fast_sampler_matches_a_step_by_step_reference(tiny_model, temperature, 
     prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, questions, "cpu")
     assert (prompt_mask == 0).any()  # left padding is exercised
     eos = torch.arange(3, 400, 25)  # many "end" tokens: rows end at different steps (seed 0: all before step 32)
-    fast = llm.sample(model, prompt_ids, prompt_mask, 40, temperature, eos, tokenizer.pad_token_id,
-                      None if seed is None else torch.Generator().manual_seed(seed))
-    reference = reference_sample(model, prompt_ids, prompt_mask, 40, temperature, eos, tokenizer.pad_token_id,
-                                 None if seed is None else torch.Generator().manual_seed(seed))
+    fast = llm.sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        40,
+        temperature,
+        eos,
+        tokenizer.pad_token_id,
+        None if seed is None else torch.Generator().manual_seed(seed),
+    )
+    reference = reference_sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        40,
+        temperature,
+        eos,
+        tokenizer.pad_token_id,
+        None if seed is None else torch.Generator().manual_seed(seed),
+    )
     lengths = fast[2].sum(1)
     assert seed is None or lengths.min() < 16 < lengths.max(), lengths
     assert torch.equal(fast[0], reference[0]) and torch.equal(fast[2], reference[2])
@@ -135,8 +198,9 @@ def test_sampled_logprobs_match_the_learner_forward(tiny_model, temperature):
     questions = [q["question"] for q in llm.make_synthetic_problems(5, 1)] + ["Hi?"]
     prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, questions, "cpu")
     eos = torch.tensor([tokenizer.eos_token_id])
-    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 12, temperature, eos,
-                                              tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    completions, behavior, valid = llm.sample(
+        model, prompt_ids, prompt_mask, 12, temperature, eos, tokenizer.pad_token_id, torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         learner, _ = llm.completion_logprobs(model, prompt_ids, prompt_mask, completions, valid, temperature)
     assert torch.allclose(learner, behavior[valid], atol=1e-5)
@@ -152,16 +216,19 @@ def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, m
     backward pass) gives the log-probs, entropies and gradient of policy_loss on full-vocabulary log-softmaxes."""
     monkeypatch.setattr(llm, "LOGIT_CHUNK", 7)
     model, tokenizer = load(tiny_model)
-    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, [q["question"] for q in llm.make_synthetic_problems(6, 2)],
-                                                 "cpu")
-    completions, behavior, valid = llm.sample(model, prompt_ids, prompt_mask, 10, 1.0, torch.tensor([7, 9]),
-                                              tokenizer.pad_token_id, torch.Generator().manual_seed(1))
+    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, [q["question"] for q in llm.make_synthetic_problems(6, 2)], "cpu")
+    completions, behavior, valid = llm.sample(
+        model, prompt_ids, prompt_mask, 10, 1.0, torch.tensor([7, 9]), tokenizer.pad_token_id, torch.Generator().manual_seed(1)
+    )
     behavior = behavior + 0.5 * torch.randn(behavior.shape, generator=torch.Generator().manual_seed(2))  # lagged
     advantages = torch.randn(6, 1, generator=torch.Generator().manual_seed(3)).expand_as(valid)
 
     mask = torch.cat([prompt_mask, torch.ones_like(completions)], dim=-1)
-    logits = model(input_ids=torch.cat([prompt_ids, completions], -1), attention_mask=mask,
-                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, prompt_ids.shape[1] - 1 : -1]
+    logits = model(
+        input_ids=torch.cat([prompt_ids, completions], -1),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+    ).logits[:, prompt_ids.shape[1] - 1 : -1]
     log_softmax = torch.log_softmax(logits, dim=-1)
     direct_lp = log_softmax.gather(-1, completions[..., None])[..., 0][valid]
     direct_entropy = -(log_softmax.exp() * log_softmax).sum(-1)[valid]
@@ -172,8 +239,9 @@ def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, m
     model.zero_grad()
     micro = [llm.trim(prompt_ids[i], prompt_mask[i], completions[i], valid[i]) for i in torch.arange(6).split(2)]
     args = llm.Args(policy_loss="vaco", tv_delta=0.2)
-    loss, stats2, newlogprob, entropy = llm.minibatch_policy_gradient(model, micro, behavior[valid], advantages[valid],
-                                                                      args, 0.0)
+    loss, stats2, newlogprob, entropy = llm.minibatch_policy_gradient(
+        model, micro, behavior[valid], advantages[valid], args, 0.0
+    )
     assert valid.sum() > 3 * 7 and loss.item() == pytest.approx(direct.item(), rel=1e-5)
     assert stats2 == pytest.approx(stats)
     assert torch.allclose(newlogprob, direct_lp.detach(), atol=1e-5)
@@ -192,11 +260,14 @@ def test_group_advantages_are_the_standardized_rewards_of_each_prompt_on_its_val
     rows, width = 12, 5
     lengths = torch.tensor([5, 1, 3, 4, 2, 5, 5, 1, 2, 3, 4, 5])
     valid = torch.arange(width)[None] < lengths[:, None]
-    batch = {"prompt_ids": torch.randint(3, 300, (rows, 4), generator=torch.Generator().manual_seed(0)),
-             "prompt_mask": torch.ones(rows, 4, dtype=torch.long),
-             "completions": torch.randint(3, 300, (rows, width), generator=torch.Generator().manual_seed(1)),
-             "valid": valid, "behavior_logprob": -(torch.arange(rows)[:, None] + 1) - torch.arange(width)[None] / 100,
-             "reward": torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0])}
+    batch = {
+        "prompt_ids": torch.randint(3, 300, (rows, 4), generator=torch.Generator().manual_seed(0)),
+        "prompt_mask": torch.ones(rows, 4, dtype=torch.long),
+        "completions": torch.randint(3, 300, (rows, width), generator=torch.Generator().manual_seed(1)),
+        "valid": valid,
+        "behavior_logprob": -(torch.arange(rows)[:, None] + 1) - torch.arange(width)[None] / 100,
+        "reward": torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0]),
+    }
     rewards = batch["reward"].view(3, 4)
     expected = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).flatten()
     assert expected[4:8].abs().max() == 0 and expected[:4].abs().min() > 0.8  # an all-wrong group: no signal
@@ -227,9 +298,24 @@ def test_group_advantages_are_the_standardized_rewards_of_each_prompt_on_its_val
 @pytest.fixture(scope="module")
 def synthetic_run(tiny_model, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("synthetic")
-    proc = run_script(SCRIPT, *tiny_run_flags(tiny_model, "--total-steps", "6", "--learning-rate", "3e-3",
-                                              "--num-minibatches", "2", "--eval-every", "3", "--policy-lag", "1",
-                                              "--save-model"), cwd=cwd)
+    proc = run_script(
+        SCRIPT,
+        *tiny_run_flags(
+            tiny_model,
+            "--total-steps",
+            "6",
+            "--learning-rate",
+            "3e-3",
+            "--num-minibatches",
+            "2",
+            "--eval-every",
+            "3",
+            "--policy-lag",
+            "1",
+            "--save-model",
+        ),
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, next((cwd / "runs").iterdir()), read_scalars(cwd)
 
@@ -266,13 +352,15 @@ def test_generation_overlaps_training(tiny_model, tmp_path, monkeypatch, lag):
         def marked(*args, **kwargs):
             events.append((name, threading.current_thread() is main))
             return original(*args, **kwargs)
+
         return marked
 
     monkeypatch.setattr(torch, "randperm", mark("shuffle", randperm))
     monkeypatch.setattr(torch, "multinomial", mark("sample", multinomial))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", mark("step", clip))
-    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--total-steps", "6",
-                                                                     "--num-minibatches", "2", "--policy-lag", lag))
+    error, _ = run_in_process(
+        tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--total-steps", "6", "--num-minibatches", "2", "--policy-lag", lag)
+    )
     assert error is None, error
     assert not any(name == "sample" and in_main for name, in_main in events), "sampling runs in the generator thread"
     learner = [i for i, (name, in_main) in enumerate(events) if in_main and name in ("shuffle", "step")]
@@ -305,18 +393,51 @@ def lag0_run(tmp_path_factory):
     """--dataset-path with a chat template, --policy-lag 0 (fp32), --policy-loss ppo-kl with an adaptive coefficient,
     sampling at --temperature 0.7 (so the learner's log-probs must divide by it too)."""
     cwd = tmp_path_factory.mktemp("lag0")
-    template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
     model_dir = build_tiny_model(cwd / "chat", chat_template=template)
-    records = [{"question": f"Ava has {a} coins and finds {b} more. How many coins?",
-                "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"} for a, b in
-               [(1, 2), (3, 4), (500, 700), (2, 2), (6, 1), (10, 990), (4, 4), (7, 8)]]
+    records = [
+        {
+            "question": f"Ava has {a} coins and finds {b} more. How many coins?",
+            "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}",
+        }
+        for a, b in [(1, 2), (3, 4), (500, 700), (2, 2), (6, 1), (10, 990), (4, 4), (7, 8)]
+    ]
     (cwd / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    proc = run_script(SCRIPT, "--model-name-or-path", model_dir, "--dataset-path", cwd / "train.jsonl",
-                      "--total-steps", "3", "--num-prompts", "2", "--group-size", "4", "--max-new-tokens", "8",
-                      "--learning-rate", "1e-2", "--num-minibatches", "2", "--eval-samples", "2", "--policy-lag", "0",
-                      "--micro-batch-size", "2", "--policy-loss", "ppo-kl", "--kl-target", "1.0",
-                      "--temperature", "0.7", cwd=cwd)
+    proc = run_script(
+        SCRIPT,
+        "--model-name-or-path",
+        model_dir,
+        "--dataset-path",
+        cwd / "train.jsonl",
+        "--total-steps",
+        "3",
+        "--num-prompts",
+        "2",
+        "--group-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--learning-rate",
+        "1e-2",
+        "--num-minibatches",
+        "2",
+        "--eval-samples",
+        "2",
+        "--policy-lag",
+        "0",
+        "--micro-batch-size",
+        "2",
+        "--policy-loss",
+        "ppo-kl",
+        "--kl-target",
+        "1.0",
+        "--temperature",
+        "0.7",
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return model_dir, read_scalars(cwd)
 
@@ -344,8 +465,11 @@ def test_bf16_compute_keeps_fp32_master_weights_that_move(tiny_model, tmp_path, 
     saved (fp32) weights, and the optimizer holds fp32 parameters and state."""
     from safetensors.torch import load_file
 
-    error, scope = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
-        tiny_model, "--dtype", "bfloat16", "--learning-rate", "1e-5", "--total-steps", "3", "--save-model"))
+    error, scope = run_in_process(
+        tmp_path,
+        monkeypatch,
+        *tiny_run_flags(tiny_model, "--dtype", "bfloat16", "--learning-rate", "1e-5", "--total-steps", "3", "--save-model"),
+    )
     assert error is None, error
     assert sum(v for _, v in read_scalars(tmp_path)["charts/reward_mean"]) > 0  # nonzero advantages
     optimizer = scope["optimizer"]
@@ -362,14 +486,18 @@ def test_bf16_compute_keeps_fp32_master_weights_that_move(tiny_model, tmp_path, 
 def test_a_failure_in_either_thread_ends_both_with_one_line(tiny_model, tmp_path, monkeypatch, failing):
     """Out of memory in the learner (gradient clipping) or in the generator (sampling): the generator thread is
     stopped and joined, and the run ends with one line that names the flags to lower."""
+
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nsecond line")
 
-    monkeypatch.setattr(*(torch.nn.utils, "clip_grad_norm_") if failing == "learner" else (torch, "multinomial"),
-                        out_of_memory)
+    monkeypatch.setattr(
+        *(torch.nn.utils, "clip_grad_norm_") if failing == "learner" else (torch, "multinomial"), out_of_memory
+    )
     error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--policy-lag", "2"))
-    assert str(error.code) == ("error: stopped at step 1: OutOfMemoryError: CUDA out of memory. Tried to allocate "
-                               "9.00 GiB.; lower --micro-batch-size or --generation-batch-size")
+    assert str(error.code) == (
+        "error: stopped at step 1: OutOfMemoryError: CUDA out of memory. Tried to allocate "
+        "9.00 GiB.; lower --micro-batch-size or --generation-batch-size"
+    )
     assert not generator_threads()
 
 
@@ -384,8 +512,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_model, tmp_path, monk
 
     interrupt_in_step_two.calls = 0
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupt_in_step_two)
-    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--total-steps", "5",
-                                                                     "--save-model"))
+    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(tiny_model, "--total-steps", "5", "--save-model"))
     assert error.code == 130 and interrupt_in_step_two.calls == 4  # step 2 finished, step 3 never started
     assert [s for s, _ in read_scalars(tmp_path)["charts/reward_mean"]] == [1, 2]  # logs closed after step 2
     assert (next((tmp_path / "runs").iterdir()) / "model" / "config.json").is_file()
@@ -395,31 +522,34 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_model, tmp_path, monk
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--group-size", "1"], "--group-size must be >= 2 (got 1)"),
-    (["--num-prompts", "0"], "--num-prompts must be >= 1 (got 0)"),
-    (["--total-steps", "0"], "--total-steps must be >= 1"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
-    (["--generation-batch-size", "0"], "--generation-batch-size must be >= 1"),
-    (["--update-epochs", "0"], "--update-epochs must be >= 1"),
-    (["--policy-lag", "-1"], "--policy-lag must be >= 0"),
-    (["--eval-every", "-1"], "--eval-every must be >= 0"),
-    (["--learning-rate", "-1"], "--learning-rate must be finite and > 0 (got -1.0)"),
-    (["--learning-rate", "nan"], "--learning-rate must be finite and > 0 (got nan)"),
-    (["--temperature", "0"], "--temperature must be finite and > 0"),
-    (["--max-grad-norm", "0"], "--max-grad-norm must be finite and > 0"),
-    (["--tv-delta", "0"], "--tv-delta must be finite and > 0"),
-    (["--clip-coef", "-0.2"], "--clip-coef must be finite and > 0"),
-    (["--kl-coef", "-0.1"], "--kl-coef must be finite and >= 0"),
-    (["--kl-target", "-1"], "--kl-target must be finite and >= 0"),
-    (["--synthetic-ops", "+/"], "--synthetic-ops must be a subset of '+-*'"),
-    (["--num-prompts", "3", "--group-size", "3"], "--num-minibatches must be a divisor of the batch of"),
-    (["--dataset", "gsm9k"], "--dataset must be openai/gsm8k or synthetic"),
-    (["--dataset-path", "/nonexistent.jsonl"], "--dataset-path must be a file"),
-    (["--model-name-or-path", "/nonexistent/model"], "--model-name-or-path must be a hub id or a model folder"),
-    (["--model-name-or-path", "."], "--model-name-or-path must be a hub id or a model folder"),  # no config.json
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--group-size", "1"], "--group-size must be >= 2 (got 1)"),
+        (["--num-prompts", "0"], "--num-prompts must be >= 1 (got 0)"),
+        (["--total-steps", "0"], "--total-steps must be >= 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+        (["--generation-batch-size", "0"], "--generation-batch-size must be >= 1"),
+        (["--update-epochs", "0"], "--update-epochs must be >= 1"),
+        (["--policy-lag", "-1"], "--policy-lag must be >= 0"),
+        (["--eval-every", "-1"], "--eval-every must be >= 0"),
+        (["--learning-rate", "-1"], "--learning-rate must be finite and > 0 (got -1.0)"),
+        (["--learning-rate", "nan"], "--learning-rate must be finite and > 0 (got nan)"),
+        (["--temperature", "0"], "--temperature must be finite and > 0"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be finite and > 0"),
+        (["--tv-delta", "0"], "--tv-delta must be finite and > 0"),
+        (["--clip-coef", "-0.2"], "--clip-coef must be finite and > 0"),
+        (["--kl-coef", "-0.1"], "--kl-coef must be finite and >= 0"),
+        (["--kl-target", "-1"], "--kl-target must be finite and >= 0"),
+        (["--synthetic-ops", "+/"], "--synthetic-ops must be a subset of '+-*'"),
+        (["--num-prompts", "3", "--group-size", "3"], "--num-minibatches must be a divisor of the batch of"),
+        (["--dataset", "gsm9k"], "--dataset must be openai/gsm8k or synthetic"),
+        (["--dataset-path", "/nonexistent.jsonl"], "--dataset-path must be a file"),
+        (["--model-name-or-path", "/nonexistent/model"], "--model-name-or-path must be a hub id or a model folder"),
+        (["--model-name-or-path", "."], "--model-name-or-path must be a hub id or a model folder"),  # no config.json
+    ],
+)
 def test_bad_flag_stops_with_one_line_before_anything(tmp_path, monkeypatch, flags, message):
     error, _ = run_in_process(tmp_path, monkeypatch, *flags)
     assert str(error.code).startswith(f"error: {message}") and "\n" not in str(error.code)
@@ -435,8 +565,12 @@ def test_bad_flag_from_the_command_line_is_one_line_on_stderr(run, tmp_path):
 
 def test_jsonl_record_without_gold_marker_is_rejected(tmp_path):
     data = tmp_path / "bad.jsonl"
-    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n"
-                    + json.dumps({"question": "2+2?", "answer": "it is 4"}) + "\n")
+    data.write_text(
+        json.dumps({"question": "1+1?", "answer": "#### 2"})
+        + "\n"
+        + json.dumps({"question": "2+2?", "answer": "it is 4"})
+        + "\n"
+    )
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: .*'####'"):
         llm.load_problems(llm.Args(dataset_path=str(data), eval_samples=0))
 
@@ -468,38 +602,44 @@ def test_gsm8k_is_loaded_through_datasets(monkeypatch):
 # ---------------------------------------------------------------- answers and reward
 
 
-@pytest.mark.parametrize("text, answer, boxed", [
-    ("so the total is \\boxed{18}.", 18.0, True),
-    ("\\boxed{18.00}", 18.0, True),
-    ("\\boxed{1,000}", 1000.0, True),
-    ("\\boxed{\\$1,234.50}", 1234.5, True),
-    ("\\boxed{-3}", -3.0, True),
-    ("\\boxed{\\text{42}}", 42.0, True),  # nested braces
-    ("\\boxed{{7}} apples", 7.0, True),
-    ("first \\boxed{12}, then \\boxed{7}", 7.0, True),  # the last box wins
-    ("2 + 3 = 5 so \\boxed{5} and 9 more words 11", 5.0, True),  # the box beats a later number
-    ("The answer is 42.", 42.0, False),  # no box: the last number
-    ("we get 3, 4 and 5", 5.0, False),  # a comma list is not a thousands separator
-    ("it costs $1,500,000 in total", 1_500_000.0, False),
-    ("\\boxed{7", 7.0, False),  # unclosed: not a box, falls back to the last number
-    ("\\boxed{}", None, True),  # a box without a number
-    ("I do not know", None, False),
-    ("", None, False),
-])
+@pytest.mark.parametrize(
+    "text, answer, boxed",
+    [
+        ("so the total is \\boxed{18}.", 18.0, True),
+        ("\\boxed{18.00}", 18.0, True),
+        ("\\boxed{1,000}", 1000.0, True),
+        ("\\boxed{\\$1,234.50}", 1234.5, True),
+        ("\\boxed{-3}", -3.0, True),
+        ("\\boxed{\\text{42}}", 42.0, True),  # nested braces
+        ("\\boxed{{7}} apples", 7.0, True),
+        ("first \\boxed{12}, then \\boxed{7}", 7.0, True),  # the last box wins
+        ("2 + 3 = 5 so \\boxed{5} and 9 more words 11", 5.0, True),  # the box beats a later number
+        ("The answer is 42.", 42.0, False),  # no box: the last number
+        ("we get 3, 4 and 5", 5.0, False),  # a comma list is not a thousands separator
+        ("it costs $1,500,000 in total", 1_500_000.0, False),
+        ("\\boxed{7", 7.0, False),  # unclosed: not a box, falls back to the last number
+        ("\\boxed{}", None, True),  # a box without a number
+        ("I do not know", None, False),
+        ("", None, False),
+    ],
+)
 def test_extract_answer(text, answer, boxed):
     assert llm.extract_answer(text) == (answer, boxed)
 
 
-@pytest.mark.parametrize("completion, gold, expected", [
-    ("\\boxed{18.00}", 18.0, (1.0, 1.0)),
-    ("\\boxed{1,000}", 1000.0, (1.0, 1.0)),
-    ("\\boxed{-3}", -3.0, (1.0, 1.0)),
-    ("\\boxed{0.5}", 0.5, (1.0, 1.0)),
-    ("\\boxed{17}", 18.0, (0.0, 1.0)),
-    ("\\boxed{18} wait, 17", 18.0, (1.0, 1.0)),
-    ("the answer is 18", 18.0, (1.0, 0.0)),  # no box needed: the reward takes the last number
-    ("no idea", 18.0, (0.0, 0.0)),
-])
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("\\boxed{18.00}", 18.0, (1.0, 1.0)),
+        ("\\boxed{1,000}", 1000.0, (1.0, 1.0)),
+        ("\\boxed{-3}", -3.0, (1.0, 1.0)),
+        ("\\boxed{0.5}", 0.5, (1.0, 1.0)),
+        ("\\boxed{17}", 18.0, (0.0, 1.0)),
+        ("\\boxed{18} wait, 17", 18.0, (1.0, 1.0)),
+        ("the answer is 18", 18.0, (1.0, 0.0)),  # no box needed: the reward takes the last number
+        ("no idea", 18.0, (0.0, 0.0)),
+    ],
+)
 def test_reward(completion, gold, expected):
     assert llm.reward_fn(completion, gold) == expected
 
@@ -539,8 +679,10 @@ def warm_up_format(path, steps=60, seed=0, digits=(0, 1, 2)):
     rng = random.Random(seed)
     problems = llm.make_synthetic_problems(32 * steps, seed, max_number=1)
     for step in range(steps):
-        texts = [llm.format_prompt(tokenizer, p["question"]) + f" \\boxed{{{rng.choice(digits)}}}" + EOS
-                 for p in problems[32 * step : 32 * (step + 1)]]
+        texts = [
+            llm.format_prompt(tokenizer, p["question"]) + f" \\boxed{{{rng.choice(digits)}}}" + EOS
+            for p in problems[32 * step : 32 * (step + 1)]
+        ]
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         labels[:, :-6] = -100  # only the answer: ` \boxed{d}` and the end-of-sequence token
@@ -561,10 +703,39 @@ def test_rl_raises_reward_on_easy_synthetic_problems(run, tmp_path):
     torch.set_num_threads(1)
     model_dir = build_tiny_model(tmp_path / "model", hidden=64)
     warm_up_format(model_dir, digits=tuple(range(10)))
-    proc = run(SCRIPT, "--model-name-or-path", model_dir, "--dataset", "synthetic", "--synthetic-max-number", "1",
-               "--synthetic-ops", "+", "--total-steps", "25", "--num-prompts", "8", "--group-size", "16",
-               "--max-new-tokens", "8", "--learning-rate", "1e-3", "--update-epochs", "2", "--num-minibatches", "4",
-               "--micro-batch-size", "64", "--eval-samples", "32", "--eval-every", "0", "--policy-lag", "1")
+    proc = run(
+        SCRIPT,
+        "--model-name-or-path",
+        model_dir,
+        "--dataset",
+        "synthetic",
+        "--synthetic-max-number",
+        "1",
+        "--synthetic-ops",
+        "+",
+        "--total-steps",
+        "25",
+        "--num-prompts",
+        "8",
+        "--group-size",
+        "16",
+        "--max-new-tokens",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--update-epochs",
+        "2",
+        "--num-minibatches",
+        "4",
+        "--micro-batch-size",
+        "64",
+        "--eval-samples",
+        "32",
+        "--eval-every",
+        "0",
+        "--policy-lag",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scalars = read_scalars(tmp_path)
     rewards = [v for _, v in scalars["charts/reward_mean"]]
@@ -594,11 +765,13 @@ REAL_MODEL_CPU_COMMAND = (
     "python vaco_llm_math.py --model-name-or-path SMOLLM2_FOLDER --dataset synthetic --synthetic-ops + "
     "--synthetic-max-number 10 --num-prompts 8 --group-size 8 --max-new-tokens 96 --learning-rate 1e-5 "
     "--total-steps 10 --eval-samples 64 --eval-every 5 --generation-batch-size 64 --micro-batch-size 16 "
-    "--policy-lag 1 --no-cuda")
+    "--policy-lag 1 --no-cuda"
+)
 REAL_MODEL_CUDA_COMMAND = (
     "python vaco_llm_math.py --model-name-or-path SMOLLM2_FOLDER --dataset synthetic --synthetic-ops + "
     "--total-steps 20 --num-prompts 32 --group-size 8 --max-new-tokens 160 --learning-rate 1e-5 --eval-samples 128 "
-    "--eval-every 0 --policy-lag 1")
+    "--eval-every 0 --policy-lag 1"
+)
 
 
 @pytest.mark.slow
@@ -636,32 +809,52 @@ def test_real_pretrained_model_learns_synthetic_addition(run, tmp_path):
 # ---------------------------------------------------------------- numerical floor, non-finite flags, divergence
 
 
-@pytest.mark.parametrize("dtype, tv_delta, warned", [
-    ("bfloat16", "5e-4", True), ("float32", "5e-4", False), ("float32", "0.05", False)])
-def test_step_one_prints_the_numerical_floor_against_delta_in_l1(tiny_model, tmp_path, monkeypatch, capsys, dtype,
-                                                                  tv_delta, warned):
+@pytest.mark.parametrize(
+    "dtype, tv_delta, warned", [("bfloat16", "5e-4", True), ("float32", "5e-4", False), ("float32", "0.05", False)]
+)
+def test_step_one_prints_the_numerical_floor_against_delta_in_l1(
+    tiny_model, tmp_path, monkeypatch, capsys, dtype, tv_delta, warned
+):
     """Step 1 samples and learns with the same weights: 2 x align/tv_behavior is the --dtype floor in the unit of
     --tv-delta (mean|pi_T/beta - 1|); printed once, logged once, and warned about when over --tv-delta / 10. On this
     model bf16 measured an L1 of 1.3e-4..1.6e-4 (seeds 1-3), between delta / 10 and delta for delta = 5e-4, and fp32
     2e-7."""
-    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
-        tiny_model, "--dtype", dtype, "--tv-delta", tv_delta, "--total-steps", "2", "--eval-samples", "0"))
+    error, _ = run_in_process(
+        tmp_path,
+        monkeypatch,
+        *tiny_run_flags(tiny_model, "--dtype", dtype, "--tv-delta", tv_delta, "--total-steps", "2", "--eval-samples", "0"),
+    )
     assert error is None, error
     out = capsys.readouterr().out
     scalars = read_scalars(tmp_path)
-    (step, floor), = scalars["align/numerical_floor"]
+    ((step, floor),) = scalars["align/numerical_floor"]
     assert step == 1 and floor == pytest.approx(2 * scalars["align/tv_behavior"][0][1], rel=1e-6)
     lines = [line for line in out.splitlines() if "numerical floor" in line]
-    assert lines == [f"numerical floor of --dtype {dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "
-                     f"align/tv_behavior) against --tv-delta {float(tv_delta):g} (L1)"]
+    assert lines == [
+        f"numerical floor of --dtype {dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "
+        f"align/tv_behavior) against --tv-delta {float(tv_delta):g} (L1)"
+    ]
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert (floor > float(tv_delta) / 10) == warned
-    assert warnings == ["warning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; "
-                        "use --dtype float32 or a larger --tv-delta"] * warned
+    assert (
+        warnings
+        == [
+            "warning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; "
+            "use --dtype float32 or a larger --tv-delta"
+        ]
+        * warned
+    )
 
 
-FLOAT_FLAGS = {"learning_rate": "> 0", "temperature": "> 0", "max_grad_norm": "> 0", "tv_delta": "> 0",
-               "clip_coef": "> 0", "kl_coef": ">= 0", "kl_target": ">= 0"}
+FLOAT_FLAGS = {
+    "learning_rate": "> 0",
+    "temperature": "> 0",
+    "max_grad_norm": "> 0",
+    "tv_delta": "> 0",
+    "clip_coef": "> 0",
+    "kl_coef": ">= 0",
+    "kl_target": ">= 0",
+}
 
 
 def test_every_float_flag_is_in_the_table():
@@ -677,13 +870,17 @@ def test_non_finite_float_flag_is_one_line_naming_it(flag, value):
     assert flag_error(SCRIPT, name, value) == f"error: {name} must be finite and {FLOAT_FLAGS[flag]} (got {value})"
 
 
-@pytest.mark.parametrize("learning_rate, lag, step, quantity", [
-    ("1e30", "1", 2, "losses/policy_loss"),  # weights of ~1e30 after step 1: the forward pass of step 2 overflows
-    ("1e30", "0", 2, "losses/policy_loss"),  # the same, and the sampler meets those weights first
-    ("1e-3", "1", 1, "parameter model.norm.weight"),  # a weight made inf by the optimizer step (patched below)
-])
-def test_a_diverging_run_stops_with_one_line_unsaved_with_closed_logs(tiny_model, tmp_path, monkeypatch,
-                                                                       learning_rate, lag, step, quantity):
+@pytest.mark.parametrize(
+    "learning_rate, lag, step, quantity",
+    [
+        ("1e30", "1", 2, "losses/policy_loss"),  # weights of ~1e30 after step 1: the forward pass of step 2 overflows
+        ("1e30", "0", 2, "losses/policy_loss"),  # the same, and the sampler meets those weights first
+        ("1e-3", "1", 1, "parameter model.norm.weight"),  # a weight made inf by the optimizer step (patched below)
+    ],
+)
+def test_a_diverging_run_stops_with_one_line_unsaved_with_closed_logs(
+    tiny_model, tmp_path, monkeypatch, learning_rate, lag, step, quantity
+):
     """A diverging run, one minibatch a step (step 1's loss is computed at the initial weights): it stops at the end
     of the first step with a non-finite loss or weight, before those weights reach the generator; one line names
     the step, the quantity and what to try; nothing is saved, the logs of the steps before are readable and no
@@ -699,11 +896,28 @@ def test_a_diverging_run_stops_with_one_line_unsaved_with_closed_logs(tiny_model
 
     if quantity.startswith("parameter"):
         monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
-    error, _ = run_in_process(tmp_path, monkeypatch, *tiny_run_flags(
-        tiny_model, "--learning-rate", learning_rate, "--policy-lag", lag, "--num-minibatches", "1", "--total-steps",
-        "5", "--save-model", "--eval-samples", "0"))
-    assert str(error.code) == (f"error: diverged at step {step}: {quantity} is not finite; try a lower "
-                               f"--learning-rate ({float(learning_rate):g}) or --max-grad-norm (1)")
+    error, _ = run_in_process(
+        tmp_path,
+        monkeypatch,
+        *tiny_run_flags(
+            tiny_model,
+            "--learning-rate",
+            learning_rate,
+            "--policy-lag",
+            lag,
+            "--num-minibatches",
+            "1",
+            "--total-steps",
+            "5",
+            "--save-model",
+            "--eval-samples",
+            "0",
+        ),
+    )
+    assert str(error.code) == (
+        f"error: diverged at step {step}: {quantity} is not finite; try a lower "
+        f"--learning-rate ({float(learning_rate):g}) or --max-grad-norm (1)"
+    )
     assert [s for s, _ in read_scalars(tmp_path).get("charts/reward_mean", [])] == list(range(1, step))
     assert not (next((tmp_path / "runs").iterdir()) / "model").exists()
     assert not generator_threads()

@@ -1,13 +1,12 @@
 """The README and the studies page: every relative link resolves, the front page's results table is what the committed
 summaries give, and the README stays short enough to read in one go."""
+
 import re
 import sys
 import unicodedata
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -24,8 +23,11 @@ def github_anchors(markdown):
     text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
     anchors, seen = set(), {}
     for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.M):
-        kept = (c for c in heading.strip().lower()
-                if c in "-_ " or unicodedata.category(c)[0] in "LM" or unicodedata.category(c) == "Nd")
+        kept = (
+            c
+            for c in heading.strip().lower()
+            if c in "-_ " or unicodedata.category(c)[0] in "LM" or unicodedata.category(c) == "Nd"
+        )
         slug = "".join(kept).replace(" ", "-")
         anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
         seen[slug] = seen.get(slug, 0) + 1
@@ -67,21 +69,23 @@ def test_readme_results_table_is_what_the_committed_summaries_give():
     assert block, "README.md: the results-at-a-glance markers are missing"
     assert block.group(1) == results_at_a_glance.table(), (
         "README.md's results table differs from the committed summaries: paste the output of "
-        "`python tests/results_at_a_glance.py` between the markers")
+        "`python tests/results_at_a_glance.py` between the markers"
+    )
 
 
 @pytest.mark.parametrize("page", ["README.md", "tests/results/README.md"])
 def test_the_choosing_delta_table_is_what_the_committed_summaries_give(page):
     """The AUC-by-δ table of "Choosing δ", in both pages: means, stds, seed counts and the bold best of a column."""
     assert results_at_a_glance.delta_table() in (ROOT / page).read_text(), (
-        f"{page}'s table of δ differs from the committed summaries: paste "
-        "`python tests/results_at_a_glance.py --delta`")
+        f"{page}'s table of δ differs from the committed summaries: paste `python tests/results_at_a_glance.py --delta`"
+    )
 
 
 def test_the_gate_table_of_the_delta_study_is_what_the_committed_summaries_give():
     assert results_at_a_glance.gate_table() in (ROOT / "tests" / "results" / "README.md").read_text(), (
         "the δ study's table of what the gate did differs from the committed summaries: paste "
-        "`python tests/results_at_a_glance.py --gates`")
+        "`python tests/results_at_a_glance.py --gates`"
+    )
 
 
 def test_readme_is_at_most_26000_bytes():
@@ -92,8 +96,12 @@ def test_readme_is_at_most_26000_bytes():
 def test_readme_links_to_every_study():
     """Each section (##) of tests/results/README.md is linked from the front page, so no study is out of reach."""
     studies = (ROOT / "tests" / "results" / "README.md").read_text()
-    sections = github_anchors("\n".join(re.findall(r"^## .+$", re.sub(r"^```.*?^```", "", studies, flags=re.S | re.M),
-                                                   flags=re.M)))
-    linked = {target.split("#", 1)[1] for target in links((ROOT / "README.md").read_text())
-              if target.startswith("tests/results/README.md#")}
+    sections = github_anchors(
+        "\n".join(re.findall(r"^## .+$", re.sub(r"^```.*?^```", "", studies, flags=re.S | re.M), flags=re.M))
+    )
+    linked = {
+        target.split("#", 1)[1]
+        for target in links((ROOT / "README.md").read_text())
+        if target.startswith("tests/results/README.md#")
+    }
     assert sections - linked == set(), f"README.md does not link these studies: {sorted(sections - linked)}"

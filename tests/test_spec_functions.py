@@ -4,6 +4,7 @@ ALIGN's inputs and FILTER's, recomputed here.
 
 The scripts share no code on purpose, so each one's copy is tested, and the copies must stay textually identical.
 """
+
 import importlib
 import inspect
 import math
@@ -27,8 +28,15 @@ def policy_loss(request):
     return importlib.import_module(request.param).policy_loss
 
 
-@pytest.mark.parametrize("function,scripts", [("compute_vtrace", SCRIPTS_WITH_A_CRITIC), ("policy_loss", ALL_SCRIPTS),
-                                              ("adapt_kl_coef", ALL_SCRIPTS), ("adapt_tv_delta", SCRIPTS_WITH_A_CRITIC)])
+@pytest.mark.parametrize(
+    "function,scripts",
+    [
+        ("compute_vtrace", SCRIPTS_WITH_A_CRITIC),
+        ("policy_loss", ALL_SCRIPTS),
+        ("adapt_kl_coef", ALL_SCRIPTS),
+        ("adapt_tv_delta", SCRIPTS_WITH_A_CRITIC),
+    ],
+)
 def test_every_script_has_the_same_text_of_the_spec_functions(function, scripts):
     sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in scripts}
     assert len(set(sources.values())) == 1, f"{function} differs between {', '.join(scripts)}"
@@ -152,8 +160,9 @@ def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region(
 
     # the gradient is -mean(m * A * grad r), with grad_logp r = r: zero on the dropped samples
     loss.backward()
-    expected_grad = torch.tensor([-a * r * k / len(kept) for a, r, k in zip(adv.tolist(), ratio.tolist(), kept)],
-                                 dtype=torch.float64)
+    expected_grad = torch.tensor(
+        [-a * r * k / len(kept) for a, r, k in zip(adv.tolist(), ratio.tolist(), kept)], dtype=torch.float64
+    )
     torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)
 
 
@@ -196,29 +205,39 @@ def test_ppo_kl_matches_its_penalized_objective_and_gradient(policy_loss, kl_coe
     assert loss.item() == pytest.approx(sum(terms) / n, rel=1e-12)
     assert stats["filtered_frac"] == 0.0
     loss.backward()  # d/dlogp of -A r + c (r - 1 - log r) = -A r + c (r - 1)
-    expected_grad = torch.tensor([(-a * r + kl_coef * (r - 1)) / n for a, r in zip(adv.tolist(), ratios)],
-                                 dtype=torch.float64)
+    expected_grad = torch.tensor([(-a * r + kl_coef * (r - 1)) / n for a, r in zip(adv.tolist(), ratios)], dtype=torch.float64)
     torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("script", ALL_SCRIPTS)
-@pytest.mark.parametrize("kl,target,expected", [
-    (0.0151, 0.01, 0.2), (0.0149, 0.01, 0.1), (0.01, 0.01, 0.1), (0.0067, 0.01, 0.1), (0.0066, 0.01, 0.05),
-    (1.0, 0.0, 0.1), (0.0, 0.0, 0.1),  # target 0: a fixed coefficient
-])
-def test_adaptive_kl_coef_doubles_above_one_and_a_half_targets_and_halves_below_two_thirds(script, kl, target,
-                                                                                         expected):
+@pytest.mark.parametrize(
+    "kl,target,expected",
+    [
+        (0.0151, 0.01, 0.2),
+        (0.0149, 0.01, 0.1),
+        (0.01, 0.01, 0.1),
+        (0.0067, 0.01, 0.1),
+        (0.0066, 0.01, 0.05),
+        (1.0, 0.0, 0.1),
+        (0.0, 0.0, 0.1),  # target 0: a fixed coefficient
+    ],
+)
+def test_adaptive_kl_coef_doubles_above_one_and_a_half_targets_and_halves_below_two_thirds(script, kl, target, expected):
     adapt_kl_coef = importlib.import_module(script).adapt_kl_coef
     assert adapt_kl_coef(0.1, kl, target) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_A_CRITIC)
-@pytest.mark.parametrize("rhos,rule,expected", [
-    ([0.5, 1.0, 2.0], "forward", 0.2 + (0.5 + 0.0 + 1.0) / 3),  # delta + mean|rho - 1|, by hand
-    ([1.25, 0.75, 1.0, 1.0], "forward", 0.2 + 0.125),
-    ([1.0, 1.0, 1.0], "forward", 0.2),  # no lag: the fixed bound
-    ([0.5, 1.0, 2.0], "fixed", 0.2), ([1.0, 1.0], "fixed", 0.2),  # off: delta whatever the lag
-])
+@pytest.mark.parametrize(
+    "rhos,rule,expected",
+    [
+        ([0.5, 1.0, 2.0], "forward", 0.2 + (0.5 + 0.0 + 1.0) / 3),  # delta + mean|rho - 1|, by hand
+        ([1.25, 0.75, 1.0, 1.0], "forward", 0.2 + 0.125),
+        ([1.0, 1.0, 1.0], "forward", 0.2),  # no lag: the fixed bound
+        ([0.5, 1.0, 2.0], "fixed", 0.2),
+        ([1.0, 1.0], "fixed", 0.2),  # off: delta whatever the lag
+    ],
+)
 def test_forward_tv_delta_adds_the_batch_lag_to_delta_and_fixed_keeps_delta(script, rhos, rule, expected):
     adapt_tv_delta = importlib.import_module(script).adapt_tv_delta
     assert adapt_tv_delta(0.2, torch.tensor(rhos), rule) == pytest.approx(expected, rel=1e-6)
@@ -272,7 +291,6 @@ def test_unknown_policy_loss_is_refused(policy_loss):
         policy_loss("trpo", new, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1)
 
 
-
 # ---------------------------------------------------------------- the training loops feed them what the spec says
 # Each synchronous script runs a few iterations in this process while every gradient step is watched
 # (conftest.record_updates): the rollout of iteration T must come from the parameters of iteration T - K (the
@@ -284,12 +302,26 @@ def test_unknown_policy_loss_is_refused(policy_loss):
 
 LOOP_FLAGS = {  # short time limits (in the id's own steps: Atari frames), so that runs of a few iterations truncate
     "vaco_classic.py": (30, ["--num-envs", 2, "--num-steps", 64, "--total-timesteps", 640]),
-    "vaco_atari.py": (400, ["--num-envs", 1, "--num-steps", 64, "--total-timesteps", 320, "--num-minibatches", 2,
-                            "--update-epochs", 2]),
+    "vaco_atari.py": (
+        400,
+        ["--num-envs", 1, "--num-steps", 64, "--total-timesteps", 320, "--num-minibatches", 2, "--update-epochs", 2],
+    ),
 }
 EVERY_STEP = ["iteration", "mb_inds", "newlogprob", "newvalue", "pg_loss", "pg_stats", "v_loss"]
-FIRST_STEP = ["agent", "behavior", "obs", "actions", "logprobs", "rewards", "dones", "values", "next_obs",
-              "b_advantages", "b_returns", "tv_delta"]
+FIRST_STEP = [
+    "agent",
+    "behavior",
+    "obs",
+    "actions",
+    "logprobs",
+    "rewards",
+    "dones",
+    "values",
+    "next_obs",
+    "b_advantages",
+    "b_returns",
+    "tv_delta",
+]
 
 
 def vaco_loss(newlogprob, anchor_logprob, advantages, tv_delta):
@@ -306,8 +338,7 @@ def watch_training_loop(script, tmp_path, monkeypatch, *flags):
 
     time_limit, base = LOOP_FLAGS[script]
     make = gym.make
-    monkeypatch.setattr(gym, "make", lambda env_id, **kwargs: make(env_id, **{"max_episode_steps": time_limit,
-                                                                            **kwargs}))
+    monkeypatch.setattr(gym, "make", lambda env_id, **kwargs: make(env_id, **{"max_episode_steps": time_limit, **kwargs}))
     updates = record_updates(monkeypatch, EVERY_STEP, FIRST_STEP)
     env_steps = record_env_steps(monkeypatch, gym.vector.SyncVectorEnv)
     error, _ = run_main(script, *base, *flags, cwd=tmp_path, monkeypatch=monkeypatch)
@@ -316,17 +347,27 @@ def watch_training_loop(script, tmp_path, monkeypatch, *flags):
 
 
 @pytest.mark.parametrize("script", LOOP_FLAGS)
-@pytest.mark.parametrize("flags", [[], ["--tv-anchor", "learner"], ["--no-realign"], ["--tv-delta-rule", "forward"],
-                                   ["--tv-delta-rule", "forward", "--tv-anchor", "learner"]],
-                         ids=["default", "learner-anchor", "no-realign", "forward-delta", "forward-delta-learner"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--tv-anchor", "learner"],
+        ["--no-realign"],
+        ["--tv-delta-rule", "forward"],
+        ["--tv-delta-rule", "forward", "--tv-anchor", "learner"],
+    ],
+    ids=["default", "learner-anchor", "no-realign", "forward-delta", "forward-delta-learner"],
+)
 def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as_the_spec_says(
-        script, flags, tmp_path, monkeypatch):
+    script, flags, tmp_path, monkeypatch
+):
     """Five or more iterations at lag 2 with a small delta (so the gate both fires and stays shut): every recorded
     quantity the loop computed must equal the one recomputed here from the spec, so breaking the lag ring, the
     bootstrap, ALIGN's inputs, the normalization, the anchor or the learner anchor's weight makes one differ."""
     lag, gamma, lam, tv_delta = 2, 0.99, 0.95, 0.03
-    updates, env_steps = watch_training_loop(script, tmp_path, monkeypatch, "--policy-lag", lag, "--tv-delta",
-                                             tv_delta, "--learning-rate", 2.5e-3, *flags)
+    updates, env_steps = watch_training_loop(
+        script, tmp_path, monkeypatch, "--policy-lag", lag, "--tv-delta", tv_delta, "--learning-rate", 2.5e-3, *flags
+    )
     firsts = {u["iteration"]: u for u in updates if "agent" in u}
     T, N = firsts[1]["rewards"].shape
     assert sorted(firsts) == list(range(1, len(firsts) + 1)) and len(firsts) >= 5
@@ -354,8 +395,8 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
             for i in np.flatnonzero(truncated & ~terminated):
                 with torch.no_grad():
                     expected[i] += gamma * beta.get_value(torch.as_tensor(final_obs[i][None], dtype=torch.float32))[0]
-            terminal_kinds |= ({"terminated"} if terminated.any() else set())
-            terminal_kinds |= ({"truncated"} if (truncated & ~terminated).any() else set())
+            terminal_kinds |= {"terminated"} if terminated.any() else set()
+            terminal_kinds |= {"truncated"} if (truncated & ~terminated).any() else set()
             torch.testing.assert_close(first["rewards"][t], expected, atol=1e-5, rtol=1e-6)
             assert first["dones"][t].tolist() == (terminated | truncated).astype(float).tolist()
         # ALIGN: V-trace with pi_T and its critic, once per batch (or GAE over beta's values with --no-realign)
@@ -363,8 +404,17 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
         if "--no-realign" in flags:
             adv, ret = reference_gae(rewards, first["values"].double(), beta_next.double(), dones, gamma, lam)
         else:
-            adv, ret = reference_vtrace(rewards.tolist(), v_T.view(T, N).tolist(), v_T_next.tolist(), dones.tolist(),
-                                        (lp_T - beta_logprobs).view(T, N).tolist(), gamma, lam, 1.0, 1.0)
+            adv, ret = reference_vtrace(
+                rewards.tolist(),
+                v_T.view(T, N).tolist(),
+                v_T_next.tolist(),
+                dones.tolist(),
+                (lp_T - beta_logprobs).view(T, N).tolist(),
+                gamma,
+                lam,
+                1.0,
+                1.0,
+            )
         torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
         learner_logprobs[iteration] = (lp_T, beta_logprobs)
