@@ -125,26 +125,25 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+# CleanRL's PPO network: two hidden layers of 64 tanh units.
+def mlp(in_features, out_features, out_std):
+    return nn.Sequential(
+        layer_init(nn.Linear(in_features, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, out_features), std=out_std),
+    )
+
+
 class Agent(nn.Module):
     def __init__(self, observation_space, action_space):
         super().__init__()
         obs_dim = int(np.prod(observation_space.shape))
         self.continuous = isinstance(action_space, gym.spaces.Box)
         act_dim = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 1), std=1.0),
-        )
-        self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, act_dim), std=0.01),
-        )
+        self.critic = mlp(obs_dim, 1, out_std=1.0)
+        self.actor = mlp(obs_dim, act_dim, out_std=0.01)  # small initial logits or means: a near-uniform first policy
         if self.continuous:  # state-independent log standard deviation
             self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
@@ -268,6 +267,8 @@ def evaluate(model_path, args, run_name, device):
 def check_args(args):
     given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
     batch = args.num_envs * args.num_steps
+    two_per_minibatch = batch >= 2 * args.num_minibatches  # each minibatch normalizes its advantages by their std
+    max_lr = 0.1 * torch.finfo(torch.float32).max  # Adam's first step is lr / (1 - 0.9)
     rules = [(f, np.isfinite(value), "a finite number") for f, value in given.items() if isinstance(value, float)]
     rules += [(f, given[f] >= 1, ">= 1") for f in ("num-envs", "num-steps", "update-epochs")]
     rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
@@ -277,6 +278,8 @@ def check_args(args):
         ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
         ("total-timesteps", args.total_timesteps >= batch, f">= one batch of --num-envs x --num-steps = {batch}"),
         ("num-minibatches", args.num_minibatches >= 1 and batch % args.num_minibatches == 0, f"a divisor of {batch}"),
+        ("num-minibatches", not args.norm_adv or two_per_minibatch, f"<= {batch // 2} with --norm-adv: a std needs 2 samples"),
+        ("learning-rate", args.learning_rate < max_lr, f"< {max_lr:.2g}, or Adam's first step overflows float32"),
         ("c-bar", 0 < args.c_bar <= args.rho_bar, f"in (0, --rho-bar] = (0, {args.rho_bar}], as V-trace requires"),
         ("capture-video", not args.capture_video or importlib.util.find_spec("moviepy"), "off without moviepy"),
         ("track", not args.track or importlib.util.find_spec("wandb"), "off without wandb"),
@@ -287,15 +290,17 @@ def check_args(args):
     try:
         env = gym.make(args.env_id)  # only to check its spaces
     except gym.error.Error as e:  # an unknown id, or a package it needs is missing
-        atari = isinstance(e, gym.error.UnregisteredEnv) and importlib.util.find_spec("ale_py") and __import__("ale_py")
-        e = "Atari games run with vaco_atari.py (or vaco_async_mp.py)" if atari and args.env_id in gym.registry else e
-        raise SystemExit(f"error: --env-id {args.env_id}: {e}") from None
+        reason = str(e)
+        if isinstance(e, gym.error.UnregisteredEnv) and importlib.util.find_spec("ale_py"):
+            import ale_py  # registers the Atari ids, so that an Atari id can be told from an unknown one
+
+            gym.register_envs(ale_py)
+            if args.env_id in gym.registry:
+                reason = "Atari games run with vaco_atari.py (or vaco_async_mp.py)"
+        raise SystemExit(f"error: --env-id {args.env_id}: {reason}") from None
     env.close()
-    if not (
-        isinstance(env.observation_space, gym.spaces.Box)
-        and len(env.observation_space.shape) == 1
-        and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))
-    ):
+    vector_observations = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
+    if not (vector_observations and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))):
         raise SystemExit(
             f"error: --env-id {args.env_id} has {env.observation_space} observations, {env.action_space}"
             " actions; vaco_classic.py takes vector (1-D Box) observations, Discrete or Box actions"
@@ -308,7 +313,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     batch_size = args.num_envs * args.num_steps
-    minibatch_size, num_iterations = batch_size // args.num_minibatches, args.total_timesteps // batch_size
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # seeding
@@ -328,15 +334,8 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            monitor_gym=True,
-            save_code=True,
-        )
+        wandb_options = dict(sync_tensorboard=True, config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, **wandb_options)
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -347,7 +346,10 @@ if __name__ == "__main__":
     snapshots = deque(maxlen=args.policy_lag + 1)
 
     # start
-    global_step, start_time, recent_returns, stop_requested = 0, time.time(), deque(maxlen=20), False
+    global_step = 0
+    start_time = time.time()
+    recent_returns = deque(maxlen=20)  # the last episodic returns, for the progress line
+    stop_requested = False  # set by Ctrl-C or SIGTERM
     next_obs, _ = envs.reset(seed=args.seed)
     next_obs = torch.as_tensor(next_obs, device=device)  # the dtype the environments give, kept by the storage
 
@@ -402,26 +404,34 @@ if __name__ == "__main__":
 
         # ALIGN: once per batch, the advantages of the learner snapshot pi_T with the latest critic
         with torch.no_grad():
-            b_obs, b_actions, b_logprobs = obs.flatten(0, 1), actions.flatten(0, 1), logprobs.flatten()
+            b_obs = obs.flatten(0, 1)
+            b_actions = actions.flatten(0, 1)
+            b_logprobs = logprobs.flatten()
             _, b_learner_logprobs, _, b_learner_values = agent.get_action_and_value(b_obs, b_actions)
             b_rhos = (b_learner_logprobs - b_logprobs).exp()  # pi_T / beta
-            # --no-realign: naive asynchronous PPO, GAE over the values of the behavior network (rho = 1)
-            critic, b_values = (agent, b_learner_values) if args.realign else (behavior, values.flatten())
-            log_rhos = (b_learner_logprobs - b_logprobs).view(T, N) if args.realign else torch.zeros_like(values)
+            if args.realign:  # V-trace with pi_T's log-probs and the latest critic
+                log_rhos = (b_learner_logprobs - b_logprobs).view(T, N)
+                b_values = b_learner_values
+                bootstrap_value = agent.get_value(next_obs)
+            else:  # naive asynchronous PPO: GAE (rho = 1) over the values the behavior network gave at rollout time
+                log_rhos = torch.zeros_like(values)
+                b_values = values.flatten()
+                bootstrap_value = behavior.get_value(next_obs)
             advantages, returns = compute_vtrace(
-                rewards,
-                b_values.view(T, N),
-                critic.get_value(next_obs),
-                dones,
-                log_rhos,
-                args.gamma,
-                args.gae_lambda,
-                args.rho_bar,
-                args.c_bar,
+                rewards=rewards,
+                values=b_values.view(T, N),
+                bootstrap_value=bootstrap_value,
+                dones=dones,
+                log_rhos=log_rhos,
+                gamma=args.gamma,
+                gae_lambda=args.gae_lambda,
+                rho_bar=args.rho_bar,
+                c_bar=args.c_bar,
             )
             b_advantages, b_returns = advantages.flatten(), returns.flatten()
             b_anchor_logprobs = b_learner_logprobs if args.tv_anchor == "learner" else b_logprobs
             tv_delta = adapt_tv_delta(args.tv_delta, (b_learner_logprobs - b_anchor_logprobs).exp(), args.tv_delta_rule)
+            loss_coefs = dict(tv_delta=tv_delta, clip_coef=args.clip_coef, kl_coef=args.kl_coef, rho_bar=args.rho_bar)
 
         # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
         minibatch_stats = []
@@ -437,14 +447,7 @@ if __name__ == "__main__":
                     mb_advantages = mb_advantages * torch.clamp(b_rhos[mb_inds], max=args.rho_bar)
 
                 pg_loss, pg_stats = policy_loss(
-                    args.policy_loss,
-                    newlogprob,
-                    b_anchor_logprobs[mb_inds],
-                    mb_advantages,
-                    tv_delta,
-                    args.clip_coef,
-                    args.kl_coef,
-                    args.rho_bar,
+                    args.policy_loss, newlogprob, b_anchor_logprobs[mb_inds], mb_advantages, **loss_coefs
                 )
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
@@ -466,7 +469,7 @@ if __name__ == "__main__":
                             "losses/old_approx_kl": (-logratio).mean().item(),
                             "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
                             "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
-                            "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
+                            "losses/tv": pg_stats["tv"],  # what the gate compared with tv_delta (halved)
                             "losses/filtered_frac": pg_stats["filtered_frac"],
                             "losses/filter_gate_frac": pg_stats["gate"],
                         }
@@ -477,18 +480,19 @@ if __name__ == "__main__":
 
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
-        # a diverged update stops the run here, before the next rollout samples from it: a loss statistic, a parameter,
-        # or the policy's log-prob where the next rollout starts (weights that are finite but huge can overflow there)
-        # is not finite. One host synchronization per iteration, none per step; a tensor is then reported by its first
-        # non-finite element (0 if it has none).
-        watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
-        watched["log-prob at the next observations"] = agent.get_action_and_value(next_obs, actions[-1])[1].detach()
-        if not torch.stack([value.isfinite().all() for value in watched.values()]).all():
-            logged.update({name: value[~value.isfinite()][:1].sum().item() for name, value in watched.items()})
-        if bad := [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]:
+        # a diverged update stops the run before the next rollout samples from it: a loss statistic, a parameter, or
+        # the log-prob where the next rollout starts (finite but huge weights can overflow there) is not finite
+        with torch.no_grad():
+            watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
+            watched["log-prob at the next observations"] = agent.get_action_and_value(next_obs, actions[-1])[1]
+        not_finite = [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]
+        for name, tensor in watched.items():
+            if not tensor.isfinite().all():
+                not_finite.append(f"{name} is {tensor[~tensor.isfinite()][0].item()}")  # its first non-finite value
+        if not_finite:
             writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
             raise SystemExit(
-                f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
+                f"error: diverged at step {global_step} (iteration {iteration}): {not_finite[0]}; try a lower "
                 f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})"
             )
         logged.update(

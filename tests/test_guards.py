@@ -157,3 +157,35 @@ def test_an_atari_id_on_the_command_line_is_one_line_on_stderr(run, tmp_path):
         "error: --env-id ALE/Pong-v5: Atari games run with vaco_atari.py (or vaco_async_mp.py)"
     ], result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configurations that no run can start from: refused before anything is created, naming the flag and why
+
+
+SYNCHRONOUS = ["vaco_classic.py", "vaco_atari.py"]  # vaco_async_mp.py's batch has other flags: tests/test_async_mp.py
+UNSTARTABLE = [
+    # --norm-adv divides each minibatch's advantages by their standard deviation, undefined for one sample
+    (["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "16"], "--num-minibatches must be <= 8 with --norm-adv"),
+    # Adam's first step is lr / (1 - 0.9): above 0.1 x float32's largest value torch cannot represent it
+    (["--learning-rate", "1e38"], "--learning-rate must be < 3.4e+37, or Adam's first step overflows float32 (got 1e+38)"),
+]
+
+
+@pytest.mark.parametrize("script", SYNCHRONOUS)
+@pytest.mark.parametrize("flags,message", UNSTARTABLE, ids=["minibatch-of-one", "adam-overflow"])
+def test_a_configuration_that_cannot_run_is_refused_naming_the_flag(script, flags, message):
+    assert flag_error(script, *flags).startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("script", SYNCHRONOUS)
+def test_the_limits_of_the_refusals_still_run(script):
+    """Just inside each limit check_args lets the run start: the refusals are no wider than they must be."""
+    import tyro
+
+    module = importlib.import_module(script[: -len(".py")])
+    for flags in (["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "8"], ["--learning-rate", "3e37"]):
+        module.check_args(tyro.cli(module.Args, args=flags))  # raises SystemExit if refused
+    module.check_args(
+        tyro.cli(module.Args, args=["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "16", "--no-norm-adv"])
+    )
