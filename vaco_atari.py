@@ -494,7 +494,8 @@ if __name__ == "__main__":
                     )
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
-        explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
+        returns_var = b_returns.var().item()
+        explained_var = np.nan if returns_var == 0 else 1 - (b_returns - b_values).var().item() / returns_var
 
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
@@ -506,7 +507,8 @@ if __name__ == "__main__":
         not_finite = [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]
         for name, tensor in watched.items():
             if not tensor.isfinite().all():
-                not_finite.append(f"{name} is {tensor[~tensor.isfinite()][0].item()}")  # its first non-finite value
+                first_non_finite = tensor[~tensor.isfinite()][0].item()
+                not_finite.append(f"{name} is {first_non_finite}")
         if not_finite:
             writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
             raise SystemExit(
