@@ -171,19 +171,32 @@ def estimate(point):
 
 
 def table(summaries=SUMMARIES):
-    """The README's block, between its two marker comments: IQM of the final return and of the AUC, and the
-    probability that `vaco` improves on each baseline."""
+    """The README's block, between its two marker comments: the IQM of each method and the probability that `vaco`
+    improves on each baseline, a column per setting and score, then the seeds of each cell."""
     aggregate, improvement = report(summaries)
-    lines = [
-        "| setting | method | IQM, final | IQM, AUC | P(`vaco` > it), final | P(`vaco` > it), AUC | seeds |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    columns = [(name, key) for name, *_ in SETTINGS for key, _ in SCORES]
+    labels = dict(SCORES)
+    lines = ["| | " + " | ".join(f"{name}, {labels[key]}" for name, key in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in METHODS:
+        cells = [estimate(aggregate[name, method, key][0])[0] for name, key in columns]
+        lines.append(f"| IQM, `{method}` | {' | '.join(cells)} |")
+    for baseline in METHODS[1:]:
+        cells = [estimate(improvement[name, baseline, key][0])[0] for name, key in columns]
+        lines.append(f"| P(`vaco` > `{baseline}`) | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n\n" + seeds_line(aggregate) + "\n"
+
+
+def seeds_line(aggregate):
+    """Seeds per task (Hopper/HalfCheetah/Walker2d) → how many of each were used: per setting, the methods with the
+    same counts together (no names: every method), the settings with the same counts together."""
+    settings = {}
     for name, *_ in SETTINGS:
+        by_text = {}
         for method in METHODS:
-            cells = [estimate(aggregate[name, method, key][0])[0] for key, _ in SCORES]
-            cells += [estimate(improvement[name, method, key][0])[0] if method != "vaco" else "" for key, _ in SCORES]
-            lines.append(f"| {name} | `{method}` | {' | '.join(cells)} | {aggregate[name, method, 'final'][1]} |")
-    return "\n".join(lines) + "\n"
+            by_text.setdefault(aggregate[name, method, "final"][1], []).append(f"`{method}`")
+        groups = [text if len(by_text) == 1 else f"{text} ({', '.join(methods)})" for text, methods in by_text.items()]
+        settings.setdefault("; ".join(groups), []).append(name)
+    return "Seeds, " + " · ".join(f"{' and '.join(names)}: {text}" for text, names in settings.items()) + "."
 
 
 def full_table(summaries=SUMMARIES):
