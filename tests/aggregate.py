@@ -176,10 +176,13 @@ def table(summaries=SUMMARIES):
     aggregate, improvement = report(summaries)
     columns = [(name, key) for name, *_ in SETTINGS for key, _ in SCORES]
     labels = dict(SCORES)
-    lines = ["| | " + " | ".join(f"{name}, {labels[key]}" for name, key in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [
+        "| IQM | " + " | ".join(f"{name}, {labels[key]}" for name, key in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for method in METHODS:
         cells = [estimate(aggregate[name, method, key][0])[0] for name, key in columns]
-        lines.append(f"| IQM, `{method}` | {' | '.join(cells)} |")
+        lines.append(f"| `{method}` | {' | '.join(cells)} |")
     for baseline in METHODS[1:]:
         cells = [estimate(improvement[name, baseline, key][0])[0] for name, key in columns]
         lines.append(f"| P(`vaco` > `{baseline}`) | {' | '.join(cells)} |")
@@ -193,7 +196,7 @@ def seeds_line(aggregate):
     for name, *_ in SETTINGS:
         by_text = {}
         for method in METHODS:
-            by_text.setdefault(aggregate[name, method, "final"][1], []).append(f"`{method}`")
+            by_text.setdefault(aggregate[name, method, "final"][1], []).append(method)
         groups = [text if len(by_text) == 1 else f"{text} ({', '.join(methods)})" for text, methods in by_text.items()]
         settings.setdefault("; ".join(groups), []).append(name)
     return "Seeds, " + " · ".join(f"{' and '.join(names)}: {text}" for text, names in settings.items()) + "."
