@@ -107,8 +107,8 @@ def runs(summaries, setting, method, key, tasks=None):
 
 def aggregates(scores):
     """IQM, median, mean and optimality gap of a runs x tasks array, as rliable's metrics define them (a test checks
-    that they agree); written with numpy alone because the bootstrap calls this REPS times per cell and scipy's
-    trim_mean is ten times slower."""
+    that they agree); written with numpy alone because the bootstrap calls this REPS times per cell, and rliable's
+    own (scipy's trim_mean among them) cost several times as much."""
     ordered = np.sort(scores, axis=None)
     cut = int(0.25 * ordered.size)  # scipy.stats.trim_mean's cut: the whole runs below 25%, and as many above
     task_means = scores.mean(axis=0)
@@ -119,7 +119,7 @@ def aggregates(scores):
 
 def probability_of_improvement(x, y):
     """P(X > Y) + P(X = Y) / 2 for a run X of x and a run Y of y on the same task, averaged over the tasks (runs x
-    tasks arrays); rliable's metric, which calls the Mann-Whitney U test per task, without its cost."""
+    tasks arrays); rliable's metric without its cost (it runs a Mann-Whitney U test per task and resample)."""
     pairs = x[:, None, :] - y[None, :, :]
     return np.mean((np.sign(pairs) + 1) / 2)
 
