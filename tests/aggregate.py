@@ -2,7 +2,7 @@
 
     python tests/aggregate.py                   # print the README's block (the README holds exactly this)
     python tests/aggregate.py --plot            # also draw tests/results/at_a_glance.png (needs matplotlib)
-    python tests/aggregate.py --full            # print the studies page's table: IQM, median, mean, optimality gap
+    python tests/aggregate.py --full            # print the studies page's tables: every aggregate, and every P
     python tests/aggregate.py --random-returns  # measure the random policy's return again (RANDOM_RETURN)
 
 Is VACO more robust to policy lag than PPO? For each lag setting (simulated lag 0 and 8 on Hopper-v5, HalfCheetah-v5
