@@ -119,3 +119,14 @@ def test_the_bootstrap_is_the_same_on_every_call_and_leaves_numpys_generator_alo
     assert np.array_equal(first[1], second[1])
     lows, highs = first[1]
     assert np.all(lows <= first[0]) and np.all(first[0] <= highs) and np.all(lows < highs)
+
+
+def test_the_seeds_line_names_the_methods_whose_counts_differ():
+    """The counts most methods have come bare, the others with their methods; equal settings share a line."""
+    common, other = (None, "3/3/0 → 3"), (None, "2/0/0 → 2")  # (bootstrap result, seeds text)
+    seeds = {"lag 0": common, "lag 8": common, "real async": (None, "3 → 3")}
+    table = {(name, method, "final"): seeds[name] for name, *_ in aggregate.SETTINGS for method in aggregate.METHODS}
+    assert aggregate.seeds_line(table).endswith("; lag 0 and lag 8: 3/3/0 → 3 · real async: 3 → 3.")
+    table["lag 0", "impala", "final"] = table["lag 0", "spo-noalign", "final"] = other
+    expected = "; lag 0: 3/3/0 → 3, spo-noalign and impala 2/0/0 → 2 · lag 8: 3/3/0 → 3 · real async: 3 → 3."
+    assert aggregate.seeds_line(table).endswith(expected)
