@@ -275,24 +275,23 @@ def plot(path, summaries=SUMMARIES):
     plt.close(fig)
 
 
-def random_returns(episodes=100):
-    """The mean return of uniformly random actions on each task: what RANDOM_RETURN holds (about 30 s)."""
+def random_return(env_id, episodes=100):
+    """The mean return of uniformly random actions on a task, and its standard error: what RANDOM_RETURN holds."""
     import gymnasium as gym
 
-    for env_id in TASKS:
-        env = gym.make(env_id)
-        env.action_space.seed(0)
-        returns = []
-        for episode in range(episodes):
-            env.reset(seed=episode)
-            total, done = 0.0, False
-            while not done:
-                _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
-                total += reward
-                done = terminated or truncated
-            returns.append(total)
-        stderr = np.std(returns, ddof=1) / np.sqrt(episodes)
-        print(f"{env_id}: {np.mean(returns):.2f} ± {stderr:.2f} (standard error), {episodes} episodes")
+    env = gym.make(env_id)
+    env.action_space.seed(0)
+    returns = []
+    for episode in range(episodes):
+        env.reset(seed=episode)
+        total, done = 0.0, False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return np.mean(returns), np.std(returns, ddof=1) / np.sqrt(episodes)
 
 
 def main():
@@ -310,7 +309,9 @@ def main():
     parser.add_argument("--summaries", type=Path, default=SUMMARIES, help="read the summaries from this folder")
     args = parser.parse_args()
     if args.random_returns:
-        random_returns()
+        for env_id in TASKS:
+            mean, stderr = random_return(env_id)
+            print(f"{env_id}: {mean:.2f} ± {stderr:.2f} (standard error), 100 episodes")
         return
     print(full_table(args.summaries) if args.full else table(args.summaries), end="")
     if args.plot is not None:
