@@ -139,8 +139,9 @@ def interval(scores, func):
 
 @functools.cache  # the README's table, the studies page's and the plot share one bootstrap
 def report(summaries=SUMMARIES):
-    """Every number of the tables: {(setting, method, key): (point, lows, highs, seeds text)} for the aggregates and
-    {(setting, baseline, key): (point, low, high, seeds text)} for the probability that `vaco` improves on it."""
+    """Every number of the tables: {(setting, method, key): (result, seeds text)} for the aggregates and
+    {(setting, baseline, key): (result, tasks and seeds text)} for the probability that `vaco` improves on it; a
+    result is interval()'s (the estimates, (lows, highs)), one value per aggregate or one P, or None without runs."""
     aggregate, improvement = {}, {}
     for setting in SETTINGS:
         for key, _ in SCORES:
