@@ -1,7 +1,8 @@
-"""The README's "Results at a glance": one table and one figure across every task studied, from the committed summaries.
+"""Per task at a glance: one table and one figure across every task studied, from the committed summaries (the
+studies page's "Results at a glance" section; the README's aggregate across tasks is tests/aggregate.py's).
 
-    python tests/results_at_a_glance.py            # print the markdown table (the README holds exactly this block)
-    python tests/results_at_a_glance.py --plot     # also draw tests/results/at_a_glance.png (needs matplotlib)
+    python tests/results_at_a_glance.py            # print the per-task table (the studies page holds exactly this)
+    python tests/results_at_a_glance.py --plot     # also draw tests/results/at_a_glance_per_task.png (matplotlib)
     python tests/results_at_a_glance.py --delta    # print the table of "Choosing δ" instead (README and studies page)
     python tests/results_at_a_glance.py --gates    # print what the gate did in the δ study (studies page)
 
@@ -9,7 +10,7 @@ For each task: the AUC (the average return during training, see tests/benchmark_
 (naive asynchronous PPO-clip) and `ppo-kl` (PPO with the KL penalty 0.1, the paper's baseline) without lag and at the
 largest lag studied, as mean ± sample standard deviation (ddof = 1) over the seeds. Nothing is run: the numbers are
 read from tests/results/summaries, which the studies of tests/results/README.md wrote, so the table cannot drift from
-the data (tests/test_readme.py regenerates it and compares it with the README).
+the data (tests/test_readme.py regenerates it and compares it with the studies page).
 """
 
 import argparse
@@ -56,7 +57,7 @@ def lag_label(env_id, folder, lag):
 
 
 def table():
-    """The markdown block of the README, between its two marker comments."""
+    """The per-task table of the studies page's "Results at a glance"."""
     lines = ["| task | lag | `vaco` | `ppo-noalign` | `ppo-kl` | seeds |", "|---|---|---|---|---|---|"]
     for name, env_id, folder, lags in TASKS:
         for lag in lags:
@@ -172,9 +173,9 @@ def main():
         "--plot",
         type=Path,
         nargs="?",
-        const=ROOT / "tests" / "results" / "at_a_glance.png",
+        const=ROOT / "tests" / "results" / "at_a_glance_per_task.png",
         default=None,
-        help="also draw the figure (default path: tests/results/at_a_glance.png)",
+        help="also draw the figure (default path: tests/results/at_a_glance_per_task.png)",
     )
     parser.add_argument("--delta", action="store_true", help='print the table of the README\'s "Choosing δ"')
     parser.add_argument("--gates", action="store_true", help="print what the gate did in the δ study")

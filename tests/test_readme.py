@@ -1,5 +1,5 @@
-"""The README and the studies page: every relative link resolves, the front page's results table is what the committed
-summaries give, and the README stays short enough to read in one go."""
+"""The README and the studies page: every relative link resolves, the results tables are what the committed summaries
+give, and the README stays short enough to read in one go."""
 
 import re
 import sys
@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
+import aggregate  # noqa: E402
 import results_at_a_glance  # noqa: E402
 
 PAGES = [ROOT / "README.md", ROOT / "tests" / "results" / "README.md"]
@@ -67,9 +68,20 @@ def test_every_relative_link_and_anchor_resolves(page):
 def test_readme_results_table_is_what_the_committed_summaries_give():
     block = GLANCE.search((ROOT / "README.md").read_text())
     assert block, "README.md: the results-at-a-glance markers are missing"
-    assert block.group(1) == results_at_a_glance.table(), (
+    assert block.group(1) == aggregate.table(), (
         "README.md's results table differs from the committed summaries: paste the output of "
-        "`python tests/results_at_a_glance.py` between the markers"
+        "`python tests/aggregate.py` between the markers"
+    )
+
+
+def test_the_studies_pages_glance_tables_are_what_the_committed_summaries_give():
+    """Every aggregate with its interval, and the per-task table the README showed before."""
+    studies = (ROOT / "tests" / "results" / "README.md").read_text()
+    assert aggregate.full_table() in studies, (
+        "the studies page's aggregate tables differ from the committed summaries: paste `python tests/aggregate.py --full`"
+    )
+    assert results_at_a_glance.table() in studies, (
+        "the studies page's per-task table differs from the committed summaries: paste `python tests/results_at_a_glance.py`"
     )
 
 
