@@ -562,8 +562,7 @@ class ActorPool:
 
 def train(args, agent, optimizer, actors, batch, writer, stop):
     """The learner: gather a batch of rollouts, update the normalization statistics, ALIGN once, FILTER in every
-    minibatch, publish, log; until the last iteration or until `stop` (a threading.Event) is set. Returns the lag
-    counts of the trained rollouts."""
+    minibatch, publish, log, until the last iteration or `stop` (a threading.Event) is set. Returns the lag counts."""
     T = args.num_steps
     n = args.num_envs_per_actor  # the envs of one rollout
     N = batch["rewards"].shape[1]  # the envs of a batch: its rollouts side by side
@@ -687,7 +686,7 @@ def train(args, agent, optimizer, actors, batch, writer, stop):
                             "losses/old_approx_kl": (-logratio).mean().item(),
                             "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
                             "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
-                            "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
+                            "losses/tv": pg_stats["tv"],  # what the gate compared with tv_delta (halved)
                             "losses/filtered_frac": pg_stats["filtered_frac"],
                             "losses/filter_gate_frac": pg_stats["gate"],
                         }
@@ -699,36 +698,37 @@ def train(args, agent, optimizer, actors, batch, writer, stop):
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
         # a diverged update stops the run before the next rollout samples from it: a loss statistic, a parameter, or
-        # the log-prob of the next rollout's first actions (finite but huge weights can overflow there) is not finite
+        # the log-prob where the next rollout starts (finite but huge weights can overflow there) is not finite
         with torch.no_grad():
-            next_logprob = agent.get_action_and_value(batch["obs"][T], batch["actions"][-1])[1]
-        not_finite = [key for key, value in logged.items() if not np.isfinite(value)]
-        not_finite += [f"parameter {name}" for name, param in agent.named_parameters() if not param.isfinite().all()]
-        if not next_logprob.isfinite().all():
-            not_finite.append("the log-prob at the next observations")
+            watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
+            watched["log-prob at the next observations"] = agent.get_action_and_value(batch["obs"][T], batch["actions"][-1])[1]
+        not_finite = [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]
+        for name, tensor in watched.items():
+            if not tensor.isfinite().all():
+                not_finite.append(f"{name} is {tensor[~tensor.isfinite()][0].item()}")  # its first non-finite value
         if not_finite:
             writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
             raise SystemExit(
-                f"error: diverged at step {global_step} (iteration {iteration}): {not_finite[0]} is not finite; "
-                f"try a lower --learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})"
+                f"error: diverged at step {global_step} (iteration {iteration}): {not_finite[0]}; try a lower "
+                f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})"
             )
         actors.publish(agent)
         logged.update(
             {
                 "losses/explained_variance": explained_var,
-                "charts/kl_coef": args.kl_coef,
-                "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                "perf/learner_wait_s": learner_wait,
-                "charts/SPS": int(global_step / (time.time() - start_time)),
                 "charts/policy_lag": np.mean(lags),
-                "charts/policy_lag_max": max(lags),
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
                 "align/rho_mean": b_rhos.mean().item(),
+                "charts/SPS": int(global_step / (time.time() - start_time)),
+                "charts/kl_coef": args.kl_coef,
                 "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
                 "charts/tv_delta": tv_delta,
                 "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item(),
+                "charts/policy_lag_max": max(lags),
                 "charts/behavior_version": np.mean([rollout["version"] for rollout in rollouts]),
                 "charts/dropped_rollouts": dropped,
                 "charts/actor_restarts": actors.restarts,
+                "perf/learner_wait_s": learner_wait,
                 "perf/actor_wait_s": np.mean([rollout["actor_wait_s"] for rollout in rollouts]),
             }
         )

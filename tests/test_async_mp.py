@@ -152,7 +152,9 @@ def test_the_wait_timeout_bound_is_the_longest_wait_of_a_pipe():
         receiver.poll(2_147_484)
 
 
-def test_the_network_is_chosen_by_the_spaces():
+def test_frames_get_the_cnn_and_box_actions_a_gaussian_whose_observation_statistics_no_gradient_reaches():
+    """The spaces choose the network: uint8 frames the Nature CNN, Box actions a Gaussian, whose obs_mean and obs_var
+    are parameters (so they are published with the weights) that the optimizer does not train."""
     frames = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     agent = vaco_async_mp.Agent(frames, gym.spaces.Discrete(6))
     action, logprob, entropy, value = agent.get_action_and_value(torch.zeros((3, 4, 84, 84), dtype=torch.uint8))
@@ -197,6 +199,7 @@ def test_an_actor_acts_with_the_statistics_published_with_its_weights():
             return policy.get_action_and_value(slot["obs"][:-1], slot["actions"])[1]
 
     old, new = rollouts[0], rollouts[1]
+    # the same float32 network on the same inputs, batched here and step by step there: log-probs up to ~7, ~1e-6 apart
     assert torch.allclose(logprobs(version_0, old), old["logprobs"], atol=1e-5)
     assert (logprobs(learner, old) - old["logprobs"]).abs().mean() > 0.1  # the learner's current statistics differ
     assert torch.allclose(logprobs(learner, new), new["logprobs"], atol=1e-5)
@@ -355,6 +358,7 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
                 with torch.no_grad():
                     expected = actors.published[version].get_value(torch.as_tensor(final_obs[0][None]).float())[0]
             kinds |= {"terminated"} if terminated[0] else {"truncated"} if truncated[0] else set()
+            # the same float32 critic on the same observation: values O(1), equal up to float32 rounding (~1e-7)
             assert rollout["truncation_values"][t, 0].item() == pytest.approx(float(expected), abs=1e-6)
     assert kinds == {"terminated", "truncated"}
 
@@ -369,11 +373,12 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
         columns = {key: torch.cat([rollout[key] for _, rollout in kept[i]], dim=1) for key in kept[i][0][1]}
         obs_rms.update(columns["obs"][:T].flatten(0, 1).numpy())
         reward_rms.update(columns["discounted_rewards"].flatten().numpy())
+        # float32 parameters against float64 statistics of values O(1): ~6e-8 apart (the atol: means near 0)
         torch.testing.assert_close(pi_T.obs_mean.double(), torch.as_tensor(obs_rms.mean), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pi_T.obs_var.double(), torch.as_tensor(obs_rms.var), atol=1e-5, rtol=1e-5)
         rewards = (columns["rewards"] / float(np.sqrt(reward_rms.var + 1e-8))).clamp(-10, 10)
         rewards = rewards + args.gamma * columns["truncation_values"]
-        torch.testing.assert_close(first["rewards"], rewards, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first["rewards"], rewards, atol=1e-5, rtol=1e-5)  # the same float32 ops, values O(1)
         b_obs, b_actions = columns["obs"][:T].flatten(0, 1), columns["actions"].flatten(0, 1)
         torch.testing.assert_close(first["b_obs"], b_obs)  # raw observations: pi_T applies its own statistics
         with torch.no_grad():
@@ -391,11 +396,12 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
             args.rho_bar,
             args.c_bar,
         )
+        # float32 recursions over 32 steps of O(1) terms against a float64 reference: ~3e-7 apart
         torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
         forward = args.tv_delta_rule == "forward"
         bound = args.tv_delta + ((lp_T - beta_logprobs).exp() - 1).abs().mean().item() * forward
-        assert writer.logged["charts/tv_delta"][i] == pytest.approx(bound, rel=1e-5)
+        assert writer.logged["charts/tv_delta"][i] == pytest.approx(bound, rel=1e-5)  # float32 means of 64 ratios
         assert not forward or max(lags[i]) == 0 or bound > args.tv_delta + 1e-3
         for update in (u for u in updates if u["iteration"] == i + 1):
             advantages = first["b_advantages"][update["mb_inds"]]
@@ -494,6 +500,8 @@ def actor_pids(lines):
 
 @pytest.mark.slow
 def test_two_actors_learn_cartpole_with_a_bounded_lag_and_leave_no_process(tmp_path):
+    """The default run with two actors: CartPole learned (a mean of 195 over 20 episodes), every key logged, the lag
+    measured near the depth of the slot queue, and no process left once it ends."""
     run_ = Background(tmp_path, "--num-actors", "2", "--total-timesteps", "25600", "--seed", "1", *SMALL)
     pids = set(actor_pids(run_.wait_for(lambda line: " started (pid " in line)))
     pids |= descendants(run_.proc.pid)  # the actors, the process server that forks them, the resource tracker
@@ -515,7 +523,9 @@ def test_two_actors_learn_cartpole_with_a_bounded_lag_and_leave_no_process(tmp_p
 
 
 @pytest.mark.slow
-def test_hopper_with_the_kl_penalty_logs_returns_lag_and_the_statistics_version(run, tmp_path):
+def test_on_hopper_each_batch_comes_from_the_learner_version_minus_its_lag_and_the_kl_coef_adapts(run, tmp_path):
+    """Box actions with real actors: charts/behavior_version = iteration - 1 - charts/policy_lag (the actors load each
+    new version of the weights and statistics), and ppo-kl's adaptive coefficient moves by x2 or /2 only."""
     proc = run(
         "vaco_async_mp.py",
         "--env-id",
@@ -647,7 +657,8 @@ def test_past_the_restart_limit_the_run_stops_with_the_actor_error(run, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_group):
-    """Ctrl-C in a terminal signals the whole process group; `kill` or a scheduler signals the learner only."""
+    """Ctrl-C or SIGTERM: exit code 130 within seconds, a checkpoint that loads, no process left. Ctrl-C in a terminal
+    signals the whole process group; `kill` or a scheduler signals the learner only."""
     run_ = Background(tmp_path, "--num-actors", "2", "--total-timesteps", "10000000", "--save-model", *SMALL)
     run_.wait_for(lambda line: line.startswith("step"))
     pids = descendants(run_.proc.pid)
@@ -703,7 +714,9 @@ def test_atari_ids_get_the_preprocessing_of_vaco_atari():
 
 
 @pytest.mark.slow
-def test_atari_runs(run, tmp_path):
+def test_an_atari_id_trains_end_to_end(run, tmp_path):
+    """ALE/Breakout-v5, one actor, two iterations: uint8 frames through the slots, the CNN trained, each iteration
+    logged."""
     pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
     proc = run(
         "vaco_async_mp.py",
