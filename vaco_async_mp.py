@@ -693,7 +693,8 @@ def train(args, agent, optimizer, actors, batch, writer, stop):
                     )
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
-        explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
+        returns_var = b_returns.var().item()
+        explained_var = np.nan if returns_var == 0 else 1 - (b_returns - b_values).var().item() / returns_var
 
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
@@ -705,7 +706,8 @@ def train(args, agent, optimizer, actors, batch, writer, stop):
         not_finite = [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]
         for name, tensor in watched.items():
             if not tensor.isfinite().all():
-                not_finite.append(f"{name} is {tensor[~tensor.isfinite()][0].item()}")  # its first non-finite value
+                first_non_finite = tensor[~tensor.isfinite()][0].item()
+                not_finite.append(f"{name} is {first_non_finite}")
         if not_finite:
             writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
             raise SystemExit(
@@ -752,6 +754,7 @@ def check_args(args):
     given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
     batch = args.rollouts_per_batch * args.num_envs_per_actor * args.num_steps  # samples per learner batch
     counts = "num-actors num-envs-per-actor num-steps rollouts-per-batch update-epochs"
+    equal_minibatches = args.num_minibatches >= 1 and batch % args.num_minibatches == 0  # that cover the batch
     two_per_minibatch = batch >= 2 * args.num_minibatches  # each minibatch normalizes its advantages by their std
     float32_max = torch.finfo(torch.float32).max
     adam_fits = args.learning_rate / (1 - 0.9) <= float32_max  # Adam's first step, as torch computes it
@@ -764,11 +767,7 @@ def check_args(args):
         ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
         ("total-timesteps", args.total_timesteps >= batch, f">= one batch ({batch} samples)"),
         ("num-steps", batch >= 2, ">= 2 with --rollouts-per-batch 1 --num-envs-per-actor 1: a variance needs 2 samples"),
-        (
-            "num-minibatches",
-            args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-            f"a divisor of the batch ({batch} samples)",
-        ),
+        ("num-minibatches", equal_minibatches, f"a divisor of the batch ({batch} samples)"),
         ("num-minibatches", not args.norm_adv or two_per_minibatch, f"<= {batch // 2} with --norm-adv: a std needs 2 samples"),
         ("learning-rate", adam_fits, f"< {0.1 * float32_max:.2g}, or Adam's first step overflows float32"),
         ("c-bar", 0 < args.c_bar <= args.rho_bar, f"in (0, --rho-bar] = (0, {args.rho_bar}], as V-trace requires"),
