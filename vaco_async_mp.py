@@ -763,6 +763,7 @@ def check_args(args):
     rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
     rules += [(f, given[f] > 0, "> 0") for f in "learning-rate max-grad-norm tv-delta rho-bar clip-coef".split()]
     rules += [(f, given[f] >= 0, ">= 0") for f in "ent-coef vf-coef kl-coef kl-target".split()]
+    rules += [(f, given[f] <= float32_max, f"<= {float32_max:.2g}, a float32 clamp bound") for f in ("rho-bar", "clip-coef")]
     rules += [
         ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
         ("total-timesteps", args.total_timesteps >= batch, f">= one batch ({batch} samples)"),

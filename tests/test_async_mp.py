@@ -66,6 +66,8 @@ ASYNC_KEYS = {
         ("--wait-timeout 0", "--wait-timeout must be in (0, 2147483] seconds (got 0.0)"),
         ("--wait-timeout 2147484", "--wait-timeout must be in (0, 2147483] seconds (got 2147484.0)"),
         ("--learning-rate 1e38", "--learning-rate must be < 3.4e+37, or Adam's first step overflows float32 (got 1e+38)"),
+        ("--rho-bar 1e39", "--rho-bar must be <= 3.4e+38, a float32 clamp bound (got 1e+39)"),
+        ("--clip-coef 1e39", "--clip-coef must be <= 3.4e+38, a float32 clamp bound (got 1e+39)"),
         # undefined statistics: the std of one advantage, the variance of a one-sample batch
         ("--num-minibatches 512", "--num-minibatches must be <= 256 with --norm-adv: a std needs 2 samples (got 512)"),
         (
@@ -86,7 +88,8 @@ def test_a_bad_flag_stops_with_one_line_naming_it(flags, message):
 
 
 @pytest.mark.parametrize(
-    "flags", ["--gamma 1.5", "--env-id Blackjack-v1", "--learning-rate 1e38", "--num-minibatches 512 --num-actors 1"]
+    "flags",
+    ["--gamma 1.5", "--env-id Blackjack-v1", "--learning-rate 1e38", "--rho-bar 1e39", "--num-minibatches 512 --num-actors 1"],
 )
 def test_a_refused_run_leaves_no_traceback_and_no_runs_folder(run, tmp_path, flags):
     proc = run("vaco_async_mp.py", *flags.split())
@@ -125,6 +128,20 @@ def test_the_learning_rate_bound_is_where_adams_first_step_overflows_a_float32()
     adam_step(largest)  # no error
     with pytest.raises(RuntimeError, match="overflow"):
         adam_step(refused)
+
+
+@pytest.mark.parametrize("flag", ["--rho-bar", "--clip-coef"])
+def test_a_clamp_bound_flag_is_refused_exactly_where_torch_cannot_clamp_with_it(flag):
+    """V-trace and IMPALA clamp with --rho-bar (and --c-bar <= it), ppo with 1 +- --clip-coef: float32's largest value
+    is taken and works as a bound; the next float is refused, and torch would raise on it."""
+    largest = float(torch.finfo(torch.float32).max)
+    refused = float(np.nextafter(largest, np.inf))
+    assert vaco_accepts(flag, repr(largest), "--c-bar", "1.0")
+    assert not vaco_accepts(flag, repr(refused), "--c-bar", "1.0")
+    ratios = torch.rand(4)
+    torch.clamp(ratios, 1 - largest, 1 + largest)  # no error
+    with pytest.raises(RuntimeError, match="overflow"):
+        torch.clamp(ratios, max=refused)
 
 
 def vaco_accepts(*flags):
