@@ -613,7 +613,8 @@ def train(args, agent, optimizer, actors, batch, writer, stop):
         # actors send raw observations and rewards, with each env's running discounted sum of rewards), uses them from
         # here on, and publishes them with the weights; an actor normalizes with those of the weights it holds. So a
         # change of the statistics is part of the lag that ALIGN and FILTER see: at lag 0 too, pi_T / beta differs
-        # from 1 by what the last batch changed in them. Rewards are scaled as gymnasium's NormalizeReward does.
+        # from 1 by what the last batch changed in them. Rewards are scaled as gymnasium's NormalizeReward does, then
+        # clipped to [-10, 10], as vaco_classic.py does.
         rewards = batch["rewards"]
         if agent.continuous:
             obs_rms.update(batch["obs"][:T].flatten(0, 1).cpu().numpy())

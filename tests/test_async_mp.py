@@ -99,6 +99,15 @@ def test_a_refused_run_leaves_no_traceback_and_no_runs_folder(run, tmp_path, fla
     assert not (tmp_path / "runs").exists()
 
 
+def vaco_accepts(*flags):
+    """Whether check_args lets a run start with these flags."""
+    try:
+        vaco_async_mp.check_args(tyro.cli(vaco_async_mp.Args, args=list(flags)))
+    except SystemExit:
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
     "flags",
     [
@@ -111,7 +120,7 @@ def test_a_refused_run_leaves_no_traceback_and_no_runs_folder(run, tmp_path, fla
 )
 def test_a_flag_at_the_edge_of_a_rule_is_accepted(flags):
     """The rules refuse only what fails: the values just inside each bound pass check_args."""
-    assert vaco_async_mp.check_args(tyro.cli(vaco_async_mp.Args, args=flags.split())) is not None
+    assert vaco_accepts(*flags.split())
 
 
 def test_the_learning_rate_bound_is_where_adams_first_step_overflows_a_float32():
@@ -144,14 +153,6 @@ def test_a_clamp_bound_flag_is_refused_exactly_where_torch_cannot_clamp_with_it(
         torch.clamp(ratios, max=refused)
 
 
-def vaco_accepts(*flags):
-    try:
-        vaco_async_mp.check_args(tyro.cli(vaco_async_mp.Args, args=list(flags)))
-    except SystemExit:
-        return False
-    return True
-
-
 def adam_step(learning_rate):
     """One step of the script's optimizer (Adam, eps 1e-5) on a float32 parameter with a unit gradient."""
     param = torch.nn.Parameter(torch.ones(3))
@@ -161,7 +162,7 @@ def adam_step(learning_rate):
 
 
 def test_the_wait_timeout_bound_is_the_longest_wait_of_a_pipe():
-    """An actor waits on its pipe with poll(--wait-timeout): the bound check_args sets works, one second more raises."""
+    """An actor waits on its pipe with poll(--wait-timeout): the bound check_args sets works, the next second raises."""
     receiver, sender = multiprocessing.Pipe(duplex=False)
     sender.send("ready")  # so that poll returns at once
     assert receiver.poll(2_147_483)
