@@ -1,68 +1,10 @@
-# VACO with real asynchronous actors: CPU actor processes act with whatever weights they last loaded while the
-# learner (main process) keeps updating, so every rollout arrives some learner versions old (policy lag).
-# Paper: "Align and Filter: Improving Performance in Asynchronous On-Policy RL", arXiv 2603.01365.
-# ALIGN re-estimates advantages of the learner's policy from lagged data with V-trace, once per batch;
-# FILTER drops, per minibatch, the samples that would push the policy further out of a TV trust region.
-#
-# How the actors and the learner work together, and why normalization is part of the lag.
-#
-# The lag here is real: the learner (main process, CUDA if available) trains while --num-actors CPU actor processes
-# step their own vector envs with whatever weights they last loaded, so every rollout arrives some learner versions
-# old. The batch of iteration i is trained by learner version i - 1, so charts/behavior_version = i - 1 -
-# charts/policy_lag.
-#
-# Protocol (ActorPool on the learner's side, actor_main on the actor's):
-# - Weights: after every update the learner copies its parameters (with Box actions, the observation statistics too)
-#   into a shared buffer per actor and bumps that actor's version, under that actor's lock (ActorPool.publish). An
-#   actor reloads only when the version changed, so it never reads a half-written set.
-# - Rollouts travel through preallocated shared-memory slots (rollout_buffers), with raw observations and raw rewards;
-#   only slot ids and small messages cross the bounded per-actor pipes. Each rollout carries its weights version and
-#   its behavior log-probs. The learner copies each rollout out as it arrives and hands its slot back at once (the
-#   actor refills it meanwhile), assembles --rollouts-per-batch of them, runs ALIGN once with its current weights and
-#   statistics and FILTER in every minibatch (train), then publishes. Each actor has 2 slots: when the learner is the
-#   bottleneck, a rollout waits for the 2 batches ahead of it and arrives 2 versions old (perf/actor_wait_s grows);
-#   when the actors are, perf/learner_wait_s does.
-# - --max-policy-lag N drops rollouts older than N versions (charts/dropped_rollouts): the hard filter of other
-#   asynchronous systems, to compare with VACO's soft one.
-# - Faults: an actor that raises or dies is restarted, up to --max-actor-restarts. Its traceback appears on the run's
-#   stderr (the actor prints it as it exits with code 1), and the learner prints and logs (TensorBoard text
-#   actors/failures) which actor failed and how; past the limit the run stops with that message and exit code 1.
-#   Every wait has a timeout (--wait-timeout). Ctrl-C or SIGTERM: checkpoint (with --save-model), actors stopped,
-#   exit 130 within seconds, no process left behind. The start method is forkserver: forking a process that already
-#   ran torch can deadlock.
-# - Threads: the learner, like every actor, runs torch on one intra-op thread whatever OMP_NUM_THREADS says; on
-#   2 cores with 4 actors, 2 learner threads made CartPole 5 times slower (the threads fight the actors for the cores,
-#   and the small minibatches gain nothing from them; tests/results/README.md has the numbers).
-#
-# Normalization under lag (Box actions). Observations and rewards are normalized and clipped to [-10, 10] as
-# gymnasium's NormalizeObservation and NormalizeReward do in vaco_classic.py, but the statistics cannot live in each
-# env's wrappers there, because they are part of the behavior policy and the actors run stale ones. So:
-# 1. The learner owns the statistics: a running mean and variance of the observations, and a running variance of the
-#    discounted sums of the rewards (NormalizeReward's rule).
-# 2. Actors send raw observations and raw rewards (and the running discounted sums, which need each env's history).
-# 3. At each batch the learner updates the statistics from the batch's raw observations and reward sums, before
-#    anything else.
-# 4. It publishes them with the weights, in the same buffer and under the same version (obs_mean and obs_var are
-#    parameters of the model that no gradient reaches; the checkpoint holds them too).
-# 5. An actor normalizes with the statistics of the weights it holds: they are part of its behavior policy beta, and
-#    the behavior log-probs it records are those of its (stale) statistics on the raw observations.
-# 6. The learner evaluates pi_T and V on the batch's raw observations with its current statistics (those just updated,
-#    which the optimization then uses and the next version publishes), and scales the batch's raw rewards with its
-#    current reward statistics (clipped to [-10, 10]); a time-limit bootstrap, gamma * V(final obs), is added after the
-#    scaling, with the behavior critic's value as the actor computed it.
-# So a change of the statistics is part of the policy lag: even at lag 0, pi_T / beta differs from 1 by what the last
-# batch changed in the statistics, and ALIGN and FILTER see it like any other change of the policy. A test publishes
-# version 1 with new statistics and the same weights to a real actor and checks that each rollout's recorded
-# log-probs are those of the statistics of its own version, and that the slots hold raw observations.
-#
-# Spaces: vector (1-D Box) observations or Atari frames, Discrete or Box actions; anything else is refused with one
-# line that names it. Atari ids get exactly vaco_atari.py's preprocessing (the same emulator settings, the same
-# wrappers with the same settings in the same order, and EpisodicLife and FireReset the same text; a test checks all
-# three), so an Atari score means the same in both scripts; the Nature CNN; frames travel as uint8. With Box actions
-# the model is vaco_classic.py's: a Gaussian policy with a state-independent log std, actions clipped by the env.
-# --save-model saves runs/{run_name}/vaco_async_mp.pt (model: the Agent's state dict, observation statistics
-# included; args: the flags), also on Ctrl-C or SIGTERM. This script does not evaluate (no --eval-episodes).
-#
+# VACO with real asynchronous actors, from "Align and Filter: Improving Performance in Asynchronous On-Policy RL"
+# (arXiv 2603.01365). --num-actors CPU processes step their own envs with whatever weights they last loaded while the
+# learner (the main process) trains, so every rollout arrives some learner versions old: the policy lag, measured.
+# The learner runs ALIGN (V-trace advantages of its own policy from the lagged data, once per batch) and FILTER (per
+# minibatch, drop the samples that would push the policy further out of a TV trust region), then publishes its
+# weights. Top to bottom: the flags, make_env and Agent, the VACO functions, an actor (collect_rollout, actor_main),
+# the learner's side of the exchange (ActorPool), the learner (train), the flag checks, and the main block.
 import contextlib
 import importlib.util
 import math
@@ -70,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections import Counter, deque, namedtuple
 from dataclasses import dataclass
@@ -251,28 +194,27 @@ def make_env(env_id, idx, capture_video, run_name):
     return thunk
 
 
+# Orthogonal weights of gain `std` and a constant bias, the usual initialization of PPO networks.
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
-    """Orthogonal weights of gain `std` and a constant bias, the usual initialization of PPO networks."""
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
-def mlp(in_dim, out_dim, out_std):
+# CleanRL's PPO network: two hidden layers of 64 tanh units.
+def mlp(in_features, out_features, out_std):
     return nn.Sequential(
-        layer_init(nn.Linear(in_dim, 64)),
+        layer_init(nn.Linear(in_features, 64)),
         nn.Tanh(),
         layer_init(nn.Linear(64, 64)),
         nn.Tanh(),
-        layer_init(nn.Linear(64, out_dim), std=out_std),
+        layer_init(nn.Linear(64, out_features), std=out_std),
     )
 
 
 class Agent(nn.Module):
     """Vectors: separate tanh MLPs for the actor and the critic, as vaco_classic.py. Atari frames: the Nature CNN
-    trunk shared by both heads, as vaco_atari.py. Box actions: a Gaussian with a state-independent log std, on
-    observations normalized with the statistics obs_mean and obs_var, which are part of the policy: the learner
-    publishes them with the weights, and an actor acts with the statistics of the weights it holds."""
+    trunk shared by both heads, as vaco_atari.py. Box actions: a Gaussian with a state-independent log std."""
 
     def __init__(self, observation_space, action_space):
         super().__init__()
@@ -294,11 +236,12 @@ class Agent(nn.Module):
             self.actor = layer_init(nn.Linear(512, act_dim), std=0.01)
             self.critic = layer_init(nn.Linear(512, 1), std=1.0)
         else:
-            self.actor = mlp(observation_space.shape[0], act_dim, out_std=0.01)
+            self.actor = mlp(observation_space.shape[0], act_dim, out_std=0.01)  # a near-uniform first policy
             self.critic = mlp(observation_space.shape[0], 1, out_std=1.0)
         if self.continuous:
             self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
-            # the observation statistics: parameters that no gradient reaches, so that they travel with the weights
+            # the observation statistics are part of the policy: parameters that no gradient reaches, so that the
+            # learner publishes them with the weights and an actor acts with those of the weights it holds
             self.obs_mean = nn.Parameter(torch.zeros(observation_space.shape), requires_grad=False)
             self.obs_var = nn.Parameter(torch.ones(observation_space.shape), requires_grad=False)
 
@@ -417,9 +360,8 @@ def rollout_buffers(T, n, observation_space, action_space):
 
 @torch.no_grad()
 def collect_rollout(args, behavior, envs, next_obs, discounted, slot):
-    """Fill `slot` with num_steps steps of every env, acting with `behavior` on the raw observations (so with the
-    observation statistics of its version). `discounted` (per env) is updated in place. Returns the observation
-    after the last step and the finished episodes."""
+    """Fill `slot` with num_steps steps of every env, acting with `behavior` (so with its observation statistics) on
+    the raw observations; `discounted` (per env) is updated in place. Returns the next observation and the episodes."""
     episodes = []
     for step in range(args.num_steps):
         slot["obs"][step] = torch.as_tensor(next_obs)
@@ -429,15 +371,17 @@ def collect_rollout(args, behavior, envs, next_obs, discounted, slot):
         next_obs, reward, terminations, truncations, infos = envs.step(action.numpy())
         discounted *= args.gamma * (1 - terminations)
         discounted += reward
-        slot["rewards"][step], slot["discounted_rewards"][step] = torch.as_tensor(reward), torch.as_tensor(discounted)
+        slot["rewards"][step] = torch.as_tensor(reward)
+        slot["discounted_rewards"][step] = torch.as_tensor(discounted)
         slot["dones"][step] = torch.as_tensor(terminations | truncations)
         slot["truncation_values"][step] = 0.0
         truncated = np.flatnonzero(truncations & ~terminations)
         if len(truncated) > 0:  # a time limit is not a real terminal: the learner bootstraps with this critic value
             final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated]))
             slot["truncation_values"][step, truncated] = behavior.get_value(final_obs)
-        for i in np.flatnonzero(infos.get("final_info", {}).get("_episode", [])):
-            episodes.append((float(infos["final_info"]["episode"]["r"][i]), int(infos["final_info"]["episode"]["l"][i])))
+        ended = infos.get("final_info", {})  # the statistics of the episodes that ended at this step
+        for i in np.flatnonzero(ended.get("_episode", [])):
+            episodes.append((float(ended["episode"]["r"][i]), int(ended["episode"]["l"][i])))
     slot["obs"][args.num_steps] = torch.as_tensor(next_obs)
     slot["values"][args.num_steps] = behavior.get_value(slot["obs"][args.num_steps])
     return next_obs, episodes
@@ -499,33 +443,34 @@ def start_process_server():
 
 
 class ActorPool:
-    """The actor processes, the shared memory they write into, and the learner's side of every exchange.
-
-    Each actor owns a few rollout slots (preallocated shared tensors) and two one-way pipes: the learner sends the
-    ids of free slots on one, the actor answers with small messages naming the slot it filled on the other. So the
-    free and full queues of an actor are bounded by its number of slots, and no big tensor is ever pickled. Per-actor
-    pipes, weights buffers and locks keep a crash local: a killed actor can corrupt or block only its own channel,
-    and the learner replaces all three when it restarts the actor.
-    """
+    """The actor processes, the shared memory they write into, and the learner's side of every exchange. Each actor
+    owns a few rollout slots (shared tensors) and two one-way pipes: the learner sends the ids of free slots on one,
+    the actor answers on the other with small messages naming the slot it filled, so no big tensor is ever pickled.
+    Per-actor pipes, weights and locks keep a crash local: a killed actor can block only its own, and the learner
+    replaces all three when it restarts the actor."""
 
     def __init__(self, args, agent, observation_space, action_space, run_name, writer):
         self.ctx = start_process_server()  # already running: the main block started it earlier
-        self.args, self.run_name, self.writer = args, run_name, writer
-        self.slots_per_actor = math.ceil(args.rollouts_per_batch / args.num_actors) + 1  # its share of a batch, + 1
-        self.slots = [
-            {
-                key: buffer.share_memory_()
-                for key, buffer in rollout_buffers(
-                    args.num_steps, args.num_envs_per_actor, observation_space, action_space
-                ).items()
-            }
-            for _ in range(args.num_actors * self.slots_per_actor)
-        ]
+        self.args = args
+        self.run_name = run_name
+        self.writer = writer
+        # an actor's share of a batch, + 1 to fill while the learner trains. When the learner is the bottleneck, a
+        # rollout waits in its slot for the batches ahead of it (perf/actor_wait_s grows): with the defaults, 2
+        # slots, it arrives 2 versions old. When the actors are the bottleneck, perf/learner_wait_s grows.
+        self.slots_per_actor = math.ceil(args.rollouts_per_batch / args.num_actors) + 1
+        self.slots = []
+        for _ in range(args.num_actors * self.slots_per_actor):  # in shared memory: the actors write, the learner reads
+            slot = rollout_buffers(args.num_steps, args.num_envs_per_actor, observation_space, action_space)
+            self.slots.append({key: buffer.share_memory_() for key, buffer in slot.items()})
         self.version = 0  # learner updates published so far
         self.flat = parameters_to_vector(agent.parameters()).detach().cpu()
         # per actor: its link, its process, and the learner's ends of its two pipes
-        self.links, self.procs, self.free_conns, self.full_conns = ([None] * args.num_actors for _ in range(4))
-        self.ready, self.restarts = deque(), 0  # messages of filled slots the learner has not taken yet; failures
+        self.links = [None] * args.num_actors
+        self.procs = [None] * args.num_actors
+        self.free_conns = [None] * args.num_actors
+        self.full_conns = [None] * args.num_actors
+        self.ready = deque()  # messages of filled slots that the learner has not taken yet
+        self.restarts = 0  # actor failures so far
         for i in range(args.num_actors):
             self.start(i, generation=0)
 
@@ -533,6 +478,7 @@ class ActorPool:
         free_recv, free_send = self.ctx.Pipe(duplex=False)
         full_recv, full_send = self.ctx.Pipe(duplex=False)
         owned = range(i * self.slots_per_actor, (i + 1) * self.slots_per_actor)
+        waiting = {message["slot"] for message in self.ready}  # filled before a restart; handed back once trained
         self.links[i] = ActorLink(
             index=i,
             generation=generation,
@@ -541,12 +487,12 @@ class ActorPool:
             free_conn=free_recv,
             full_conn=full_send,
             lock=self.ctx.Lock(),  # a fresh one: a killed actor may have died holding the old one
-            free_slots=[s for s in owned if s not in {m["slot"] for m in self.ready}],  # the others come back later
+            free_slots=[slot for slot in owned if slot not in waiting],
             slots={s: self.slots[s] for s in owned},
         )
-        proc = self.ctx.Process(
-            target=actor_main, name=f"actor-{i}", args=(self.args, self.run_name, self.links[i]), daemon=True
-        )  # daemon: terminated if the learner exits abruptly
+        actor_args = (self.args, self.run_name, self.links[i])
+        # daemon: terminated if the learner exits abruptly
+        proc = self.ctx.Process(target=actor_main, name=f"actor-{i}", args=actor_args, daemon=True)
         proc.start()
         free_recv.close()  # only the actor holds these ends now, so each side sees EOF when the other is gone
         full_send.close()
@@ -614,16 +560,23 @@ class ActorPool:
             proc.join(timeout=5)
 
 
-def train(args, agent, optimizer, actors, batch, writer):
+def train(args, agent, optimizer, actors, batch, writer, stop):
     """The learner: gather a batch of rollouts, update the normalization statistics, ALIGN once, FILTER in every
-    minibatch, publish the new version, log. Returns the lag counts of the trained rollouts."""
-    T, n, N = args.num_steps, args.num_envs_per_actor, batch["rewards"].shape[1]
+    minibatch, publish, log, until the last iteration or `stop` (a threading.Event) is set. Returns the lag counts."""
+    T = args.num_steps
+    n = args.num_envs_per_actor  # the envs of one rollout
+    N = batch["rewards"].shape[1]  # the envs of a batch: its rollouts side by side
     batch_size = T * N
-    minibatch_size, num_iterations = batch_size // args.num_minibatches, args.total_timesteps // batch_size
-    obs_rms, reward_rms = RunningMeanStd(shape=batch["obs"].shape[2:]), RunningMeanStd(shape=())
-    global_step, start_time, recent_returns, lag_counts = 0, time.time(), deque(maxlen=20), Counter()
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    obs_rms = RunningMeanStd(shape=batch["obs"].shape[2:])
+    reward_rms = RunningMeanStd(shape=())
+    global_step = 0
+    start_time = time.time()
+    recent_returns = deque(maxlen=20)  # the last episodic returns, for the progress line
+    lag_counts = Counter()
     for iteration in range(1, num_iterations + 1):
-        if stop_requested:
+        if stop.is_set():
             print(f"interrupted at step {global_step}")
             break
         if args.anneal_lr:
@@ -631,7 +584,9 @@ def train(args, agent, optimizer, actors, batch, writer):
 
         # gather a batch, each rollout copied out of shared memory and its slot handed back at once (the actor
         # refills it meanwhile); rollouts older than --max-policy-lag learner versions are dropped (the hard filter)
-        rollouts, dropped, wait_start = [], 0, time.time()
+        rollouts = []
+        dropped = 0
+        wait_start = time.time()
         while len(rollouts) < args.rollouts_per_batch:
             rollout = actors.next_rollout()
             global_step += T * n
@@ -639,19 +594,27 @@ def train(args, agent, optimizer, actors, batch, writer):
                 recent_returns.append(episodic_return)
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-            if args.max_policy_lag is not None and actors.version - rollout["version"] > args.max_policy_lag:
+            # the lag: learner versions published since the weights the rollout was collected with. This batch is
+            # trained by version iteration - 1, so charts/behavior_version = iteration - 1 - charts/policy_lag.
+            rollout["lag"] = actors.version - rollout["version"]
+            if args.max_policy_lag is not None and rollout["lag"] > args.max_policy_lag:
                 dropped += 1
             else:
+                column = len(rollouts) * n
                 for key, buffer in actors.slots[rollout["slot"]].items():
-                    batch[key][:, len(rollouts) * n : (len(rollouts) + 1) * n] = buffer
+                    batch[key][:, column : column + n] = buffer
                 rollouts.append(rollout)
             actors.free(rollout["slot"])
         learner_wait = time.time() - wait_start
-        lags = [actors.version - rollout["version"] for rollout in rollouts]
+        lags = [rollout["lag"] for rollout in rollouts]
         lag_counts.update(lags)
 
-        # Box actions: the learner's statistics, from this batch's raw data (README: "Normalization under lag"), then
-        # rewards scaled as gymnasium's NormalizeReward does and clipped, as vaco_classic.py
+        # Box actions: the learner owns the normalization statistics. It updates them from this batch's raw data (the
+        # actors send raw observations and rewards, with each env's running discounted sum of rewards), uses them from
+        # here on, and publishes them with the weights; an actor normalizes with those of the weights it holds. So a
+        # change of the statistics is part of the lag that ALIGN and FILTER see: at lag 0 too, pi_T / beta differs
+        # from 1 by what the last batch changed in them. Rewards are scaled as gymnasium's NormalizeReward does, then
+        # clipped to [-10, 10], as vaco_classic.py does.
         rewards = batch["rewards"]
         if agent.continuous:
             obs_rms.update(batch["obs"][:T].flatten(0, 1).cpu().numpy())
@@ -659,31 +622,38 @@ def train(args, agent, optimizer, actors, batch, writer):
             agent.obs_mean.copy_(torch.as_tensor(obs_rms.mean))
             agent.obs_var.copy_(torch.as_tensor(obs_rms.var))
             rewards = (rewards / float(np.sqrt(reward_rms.var + 1e-8))).clamp(-10, 10)
-        rewards = rewards + args.gamma * batch["truncation_values"]  # a time limit: bootstrapped with the critic
+        # a time limit is not a real terminal: bootstrapped, after the scaling, with the value the actor's critic gave
+        rewards = rewards + args.gamma * batch["truncation_values"]
 
         # ALIGN: once per batch, the advantages of the learner snapshot pi_T with the latest critic, on raw observations
         with torch.no_grad():
-            b_obs, b_actions = batch["obs"][:T].flatten(0, 1), batch["actions"].flatten(0, 1)
+            b_obs = batch["obs"][:T].flatten(0, 1)
+            b_actions = batch["actions"].flatten(0, 1)
             b_logprobs = batch["logprobs"].flatten()
             _, b_learner_logprobs, _, b_learner_values = agent.get_action_and_value(b_obs, b_actions)
             b_rhos = (b_learner_logprobs - b_logprobs).exp()  # pi_T / beta
-            # --no-realign: naive asynchronous PPO, GAE over the values of the behavior network (rho = 1)
-            b_values = b_learner_values if args.realign else batch["values"][:T].flatten()
-            bootstrap = agent.get_value(batch["obs"][T]) if args.realign else batch["values"][T]
-            log_rhos = (b_learner_logprobs - b_logprobs).view(T, N) if args.realign else torch.zeros_like(rewards)
+            if args.realign:  # V-trace with pi_T's log-probs and the latest critic
+                log_rhos = (b_learner_logprobs - b_logprobs).view(T, N)
+                b_values = b_learner_values
+                bootstrap_value = agent.get_value(batch["obs"][T])
+            else:  # naive asynchronous PPO: GAE (rho = 1) over the values the behavior network gave at rollout time
+                log_rhos = torch.zeros_like(rewards)
+                b_values = batch["values"][:T].flatten()
+                bootstrap_value = batch["values"][T]
             advantages, returns = compute_vtrace(
-                rewards,
-                b_values.view(T, N),
-                bootstrap,
-                batch["dones"],
-                log_rhos,
-                args.gamma,
-                args.gae_lambda,
-                args.rho_bar,
-                args.c_bar,
+                rewards=rewards,
+                values=b_values.view(T, N),
+                bootstrap_value=bootstrap_value,
+                dones=batch["dones"],
+                log_rhos=log_rhos,
+                gamma=args.gamma,
+                gae_lambda=args.gae_lambda,
+                rho_bar=args.rho_bar,
+                c_bar=args.c_bar,
             )
             b_advantages, b_returns = advantages.flatten(), returns.flatten()
             tv_delta = adapt_tv_delta(args.tv_delta, b_rhos, args.tv_delta_rule)
+            loss_coefs = dict(tv_delta=tv_delta, clip_coef=args.clip_coef, kl_coef=args.kl_coef, rho_bar=args.rho_bar)
 
         # FILTER: optimize the policy and value network, every minibatch against the behavior log-probs
         minibatch_stats = []
@@ -696,16 +666,7 @@ def train(args, agent, optimizer, actors, batch, writer):
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
-                pg_loss, pg_stats = policy_loss(
-                    args.policy_loss,
-                    newlogprob,
-                    b_logprobs[mb_inds],
-                    mb_advantages,
-                    tv_delta,
-                    args.clip_coef,
-                    args.kl_coef,
-                    args.rho_bar,
-                )
+                pg_loss, pg_stats = policy_loss(args.policy_loss, newlogprob, b_logprobs[mb_inds], mb_advantages, **loss_coefs)
                 v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
@@ -726,50 +687,51 @@ def train(args, agent, optimizer, actors, batch, writer):
                             "losses/old_approx_kl": (-logratio).mean().item(),
                             "losses/approx_kl": ((ratio - 1) - logratio).mean().item(),
                             "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean().item(),
-                            "losses/tv": 0.5 * (ratio - 1).abs().mean().item(),
+                            "losses/tv": pg_stats["tv"],  # what the gate compared with tv_delta (halved)
                             "losses/filtered_frac": pg_stats["filtered_frac"],
                             "losses/filter_gate_frac": pg_stats["gate"],
                         }
                     )
 
         # share of the value targets' variance that the critic explains (1: perfect, <= 0: useless)
-        explained_var = 1 - (b_returns - b_values).var().item() / (b_returns.var().item() or np.nan)  # nan: no variance
+        returns_var = b_returns.var().item()
+        explained_var = np.nan if returns_var == 0 else 1 - (b_returns - b_values).var().item() / returns_var
 
         # log the iteration: the mean over its minibatches of each loss statistic
         logged = {key: np.mean([stats[key] for stats in minibatch_stats]) for key in minibatch_stats[0]}
-        # a diverged update stops the run here, before the actors get the new weights: a loss statistic, a parameter,
-        # or the policy's log-prob where the actors go on (weights that are finite but huge can overflow there)
-        # is not finite. One host synchronization per iteration, none per step; a tensor is then reported by its first
-        # non-finite element (0 if it has none).
-        # The main block's `finally` stops the actors and closes the TensorBoard log; no model is saved.
-        watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
-        watched["log-prob at the next observations"] = agent.get_action_and_value(batch["obs"][T], batch["actions"][-1])[
-            1
-        ].detach()
-        if not torch.stack([value.isfinite().all() for value in watched.values()]).all():
-            logged.update({name: value[~value.isfinite()][:1].sum().item() for name, value in watched.items()})
-        if bad := [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]:
+        # a diverged update stops the run before the next rollout samples from it: a loss statistic, a parameter, or
+        # the log-prob where the next rollout starts (finite but huge weights can overflow there) is not finite
+        with torch.no_grad():
+            watched = {f"parameter {name}": param for name, param in agent.named_parameters()}
+            watched["log-prob at the next observations"] = agent.get_action_and_value(batch["obs"][T], batch["actions"][-1])[1]
+        not_finite = [f"{key} is {value}" for key, value in logged.items() if not np.isfinite(value)]
+        for name, tensor in watched.items():
+            if not tensor.isfinite().all():
+                first_non_finite = tensor[~tensor.isfinite()][0].item()
+                not_finite.append(f"{name} is {first_non_finite}")
+        if not_finite:
+            writer.close()  # the iterations before it stay readable; no model is saved, so none is overwritten
             raise SystemExit(
-                f"error: diverged at step {global_step} (iteration {iteration}): {bad[0]}; try a lower "
+                f"error: diverged at step {global_step} (iteration {iteration}): {not_finite[0]}; try a lower "
                 f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})"
             )
         actors.publish(agent)
         logged.update(
             {
                 "losses/explained_variance": explained_var,
-                "charts/kl_coef": args.kl_coef,
-                "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                "perf/learner_wait_s": learner_wait,
-                "charts/SPS": int(global_step / (time.time() - start_time)),
                 "charts/policy_lag": np.mean(lags),
-                "charts/policy_lag_max": max(lags),
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
                 "align/rho_mean": b_rhos.mean().item(),
+                "charts/SPS": int(global_step / (time.time() - start_time)),
+                "charts/kl_coef": args.kl_coef,
                 "align/tv_behavior": 0.5 * (b_rhos - 1).abs().mean().item(),
                 "charts/tv_delta": tv_delta,
                 "align/rho_clipped_frac": (b_rhos > args.rho_bar).float().mean().item(),
+                "charts/policy_lag_max": max(lags),
                 "charts/behavior_version": np.mean([rollout["version"] for rollout in rollouts]),
                 "charts/dropped_rollouts": dropped,
                 "charts/actor_restarts": actors.restarts,
+                "perf/learner_wait_s": learner_wait,
                 "perf/actor_wait_s": np.mean([rollout["actor_wait_s"] for rollout in rollouts]),
             }
         )
@@ -787,29 +749,33 @@ def train(args, agent, optimizer, actors, batch, writer):
     return lag_counts
 
 
+# Stop with one line naming the flag, its value and its valid range, before anything is created; returns the
+# observation and action spaces of the environment.
 def check_args(args):
-    """Stop with one line naming the flag, its value and its valid range, before anything is created; returns the
-    observation and action spaces of the environment."""
     given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
     batch = args.rollouts_per_batch * args.num_envs_per_actor * args.num_steps  # samples per learner batch
     counts = "num-actors num-envs-per-actor num-steps rollouts-per-batch update-epochs"
+    equal_minibatches = args.num_minibatches >= 1 and batch % args.num_minibatches == 0  # that cover the batch
+    two_per_minibatch = batch >= 2 * args.num_minibatches  # each minibatch normalizes its advantages by their std
+    float32_max = torch.finfo(torch.float32).max
+    adam_fits = args.learning_rate / (1 - 0.9) <= float32_max  # Adam's first step, as torch computes it
     rules = [(f, np.isfinite(value), "a finite number") for f, value in given.items() if isinstance(value, float)]
     rules += [(f, given[f] >= 1, ">= 1") for f in counts.split()]
     rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
     rules += [(f, given[f] > 0, "> 0") for f in "learning-rate max-grad-norm tv-delta rho-bar clip-coef".split()]
     rules += [(f, given[f] >= 0, ">= 0") for f in "ent-coef vf-coef kl-coef kl-target".split()]
+    rules += [(f, given[f] <= float32_max, f"<= {float32_max:.2g}, a float32 clamp bound") for f in ("rho-bar", "clip-coef")]
     rules += [
         ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
         ("total-timesteps", args.total_timesteps >= batch, f">= one batch ({batch} samples)"),
-        (
-            "num-minibatches",
-            args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-            f"a divisor of the batch ({batch} samples: rollouts x envs per actor x steps)",
-        ),
+        ("num-steps", batch >= 2, ">= 2 with --rollouts-per-batch 1 --num-envs-per-actor 1: a variance needs 2 samples"),
+        ("num-minibatches", equal_minibatches, f"a divisor of the batch ({batch} samples)"),
+        ("num-minibatches", not args.norm_adv or two_per_minibatch, f"<= {batch // 2} with --norm-adv: a std needs 2 samples"),
+        ("learning-rate", adam_fits, f"< {0.1 * float32_max:.2g}, or Adam's first step overflows float32"),
         ("c-bar", 0 < args.c_bar <= args.rho_bar, f"in (0, --rho-bar] = (0, {args.rho_bar}], as V-trace requires"),
         ("max-policy-lag", args.max_policy_lag is None or args.max_policy_lag >= 0, ">= 0 (or unset)"),
         ("max-actor-restarts", args.max_actor_restarts >= 0, ">= 0"),
-        ("wait-timeout", args.wait_timeout > 0, "> 0 seconds"),
+        ("wait-timeout", 0 < args.wait_timeout <= 2_147_483, "in (0, 2147483] seconds"),  # a pipe waits <= 2**31 - 1 ms
         ("capture-video", not args.capture_video or importlib.util.find_spec("moviepy"), "off without moviepy"),
         ("track", not args.track or importlib.util.find_spec("wandb"), "off without wandb"),
     ]
@@ -821,8 +787,9 @@ def check_args(args):
     except gym.error.Error as e:  # an unknown id, or a package it needs is missing (Atari ids: ale-py)
         raise SystemExit(f"error: --env-id {args.env_id}: {e}") from None
     env.close()
-    vectors = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
-    if not ((vectors or is_atari(args.env_id)) and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))):
+    vector_observations = isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1
+    known_observations = vector_observations or is_atari(args.env_id)
+    if not (known_observations and isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.Box))):
         raise SystemExit(
             f"error: --env-id {args.env_id} has {env.observation_space} observations, {env.action_space}"
             " actions; vaco_async_mp.py takes vector (1-D Box) observations or Atari frames, Discrete or"
@@ -845,41 +812,28 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # One intra-op thread, as the actors: the learner shares the cores with them and more threads only fight them
-    # (on 2 cores with 4 actors, 2 threads ran 4.6x slower on CartPole and 9x on Hopper), while its small
-    # minibatches gain nothing from them. So the speed no longer depends on OMP_NUM_THREADS or the core count.
+    # one intra-op thread, as the actors: more would fight them for the cores, and these small minibatches gain
+    # nothing from them (tests/results/README.md, "The learner's threads")
     torch.set_num_threads(1)
 
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            monitor_gym=True,
-            save_code=True,
-        )
+        wandb_options = dict(sync_tensorboard=True, config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, **wandb_options)
     writer = SummaryWriter(f"runs/{run_name}")
-    flag_table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|flag|value|\n|-|-|\n{flag_table}")
+    writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = Agent(observation_space, action_space).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     # the learner's copy of a batch: its rollouts side by side along the env axis
-    batch = {
-        key: buffer.to(device)
-        for key, buffer in rollout_buffers(
-            args.num_steps, args.rollouts_per_batch * args.num_envs_per_actor, observation_space, action_space
-        ).items()
-    }
-    stop_requested = False
+    batch_envs = args.rollouts_per_batch * args.num_envs_per_actor
+    batch = rollout_buffers(args.num_steps, batch_envs, observation_space, action_space)
+    batch = {key: buffer.to(device) for key, buffer in batch.items()}
+    stop = threading.Event()
 
     def request_stop(signum, frame):  # Ctrl-C, SIGTERM: end after this iteration, save; a second Ctrl-C aborts
-        global stop_requested
-        stop_requested = True
+        stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     signal.signal(signal.SIGINT, request_stop)
@@ -887,7 +841,7 @@ if __name__ == "__main__":
 
     actors = ActorPool(args, agent, observation_space, action_space, run_name, writer)
     try:
-        lag_counts = train(args, agent, optimizer, actors, batch, writer)
+        lag_counts = train(args, agent, optimizer, actors, batch, writer, stop)
     finally:  # also on errors: no actor outlives the learner, the logs are written
         actors.close()
         writer.close()
@@ -897,5 +851,5 @@ if __name__ == "__main__":
         model_path = f"runs/{run_name}/{args.exp_name}.pt"
         torch.save({"model": agent.state_dict(), "args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
-    if stop_requested:
+    if stop.is_set():
         raise SystemExit(130)

@@ -4,6 +4,7 @@ measured lag, normalization under lag, ALIGN, FILTER), and the asynchronous syst
 import copy
 import inspect
 import math
+import multiprocessing
 import os
 import signal
 import textwrap
@@ -15,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import tyro
 from conftest import SPEC_KEYS, flag_error, read_scalars, record_env_steps, record_updates, start_script, values
 
 import vaco_async_mp
@@ -61,7 +63,17 @@ ASYNC_KEYS = {
         ("--max-policy-lag -1", "--max-policy-lag must be >= 0 (or unset) (got -1)"),
         ("--seed -1", "--seed must be in [0, 2**32) (got -1)"),
         ("--max-actor-restarts -1", "--max-actor-restarts must be >= 0 (got -1)"),
-        ("--wait-timeout 0", "--wait-timeout must be > 0 seconds (got 0.0)"),
+        ("--wait-timeout 0", "--wait-timeout must be in (0, 2147483] seconds (got 0.0)"),
+        ("--wait-timeout 2147484", "--wait-timeout must be in (0, 2147483] seconds (got 2147484.0)"),
+        ("--learning-rate 1e38", "--learning-rate must be < 3.4e+37, or Adam's first step overflows float32 (got 1e+38)"),
+        ("--rho-bar 1e39", "--rho-bar must be <= 3.4e+38, a float32 clamp bound (got 1e+39)"),
+        ("--clip-coef 1e39", "--clip-coef must be <= 3.4e+38, a float32 clamp bound (got 1e+39)"),
+        # undefined statistics: the std of one advantage, the variance of a one-sample batch
+        ("--num-minibatches 512", "--num-minibatches must be <= 256 with --norm-adv: a std needs 2 samples (got 512)"),
+        (
+            "--rollouts-per-batch 1 --num-envs-per-actor 1 --num-steps 1 --num-minibatches 1",
+            "--num-steps must be >= 2 with --rollouts-per-batch 1 --num-envs-per-actor 1: a variance needs 2 samples (got 1)",
+        ),
         ("--env-id NoSuchEnv-v9", "--env-id NoSuchEnv-v9: Environment `NoSuchEnv` doesn't exist"),
         (
             "--env-id FrozenLake-v1",
@@ -75,7 +87,10 @@ def test_a_bad_flag_stops_with_one_line_naming_it(flags, message):
     assert message in flag_error("vaco_async_mp.py", *flags.split())
 
 
-@pytest.mark.parametrize("flags", ["--gamma 1.5", "--env-id Blackjack-v1"])
+@pytest.mark.parametrize(
+    "flags",
+    ["--gamma 1.5", "--env-id Blackjack-v1", "--learning-rate 1e38", "--rho-bar 1e39", "--num-minibatches 512 --num-actors 1"],
+)
 def test_a_refused_run_leaves_no_traceback_and_no_runs_folder(run, tmp_path, flags):
     proc = run("vaco_async_mp.py", *flags.split())
     assert proc.returncode != 0
@@ -84,7 +99,80 @@ def test_a_refused_run_leaves_no_traceback_and_no_runs_folder(run, tmp_path, fla
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_network_is_chosen_by_the_spaces():
+def vaco_accepts(*flags):
+    """Whether check_args lets a run start with these flags."""
+    try:
+        vaco_async_mp.check_args(tyro.cli(vaco_async_mp.Args, args=list(flags)))
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        "--learning-rate 3.4e37",
+        "--num-minibatches 256",
+        "--num-minibatches 512 --no-norm-adv",
+        "--rollouts-per-batch 1 --num-envs-per-actor 1 --num-steps 2 --num-minibatches 1",
+        "--wait-timeout 2147483",
+    ],
+)
+def test_a_flag_at_the_edge_of_a_rule_is_accepted(flags):
+    """The rules refuse only what fails: the values just inside each bound pass check_args."""
+    assert vaco_accepts(*flags.split())
+
+
+def test_the_learning_rate_bound_is_where_adams_first_step_overflows_a_float32():
+    """The largest learning rate check_args takes makes a first Adam step; the next float is refused, and torch would
+    raise on it (a traceback, not a one-line error)."""
+    largest = float(np.nextafter(0.1 * float(torch.finfo(torch.float32).max), np.inf))  # the bound, rounded up
+    steps_down = 0
+    while not vaco_accepts(f"--learning-rate={largest!r}"):
+        largest = float(np.nextafter(largest, 0))
+        steps_down += 1
+    assert steps_down < 10  # the bound is where the message says, 3.4e+37, to the last few floats
+    refused = float(np.nextafter(largest, np.inf))
+    assert not vaco_accepts(f"--learning-rate={refused!r}")
+    adam_step(largest)  # no error
+    with pytest.raises(RuntimeError, match="overflow"):
+        adam_step(refused)
+
+
+@pytest.mark.parametrize("flag", ["--rho-bar", "--clip-coef"])
+def test_a_clamp_bound_flag_is_refused_exactly_where_torch_cannot_clamp_with_it(flag):
+    """V-trace and IMPALA clamp with --rho-bar (and --c-bar <= it), ppo with 1 +- --clip-coef: float32's largest value
+    is taken and works as a bound; the next float is refused, and torch would raise on it."""
+    largest = float(torch.finfo(torch.float32).max)
+    refused = float(np.nextafter(largest, np.inf))
+    assert vaco_accepts(flag, repr(largest), "--c-bar", "1.0")
+    assert not vaco_accepts(flag, repr(refused), "--c-bar", "1.0")
+    ratios = torch.rand(4)
+    torch.clamp(ratios, 1 - largest, 1 + largest)  # no error
+    with pytest.raises(RuntimeError, match="overflow"):
+        torch.clamp(ratios, max=refused)
+
+
+def adam_step(learning_rate):
+    """One step of the script's optimizer (Adam, eps 1e-5) on a float32 parameter with a unit gradient."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([param], lr=learning_rate, eps=1e-5)
+    param.grad = torch.ones(3)
+    optimizer.step()
+
+
+def test_the_wait_timeout_bound_is_the_longest_wait_of_a_pipe():
+    """An actor waits on its pipe with poll(--wait-timeout): the bound check_args sets works, the next second raises."""
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    sender.send("ready")  # so that poll returns at once
+    assert receiver.poll(2_147_483)
+    with pytest.raises(OverflowError):
+        receiver.poll(2_147_484)
+
+
+def test_frames_get_the_cnn_and_box_actions_a_gaussian_whose_observation_statistics_no_gradient_reaches():
+    """The spaces choose the network: uint8 frames the Nature CNN, Box actions a Gaussian, whose obs_mean and obs_var
+    are parameters (so they are published with the weights) that the optimizer does not train."""
     frames = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     agent = vaco_async_mp.Agent(frames, gym.spaces.Discrete(6))
     action, logprob, entropy, value = agent.get_action_and_value(torch.zeros((3, 4, 84, 84), dtype=torch.uint8))
@@ -129,6 +217,7 @@ def test_an_actor_acts_with_the_statistics_published_with_its_weights():
             return policy.get_action_and_value(slot["obs"][:-1], slot["actions"])[1]
 
     old, new = rollouts[0], rollouts[1]
+    # the same float32 network on the same inputs, batched here and step by step there: log-probs up to ~7, ~1e-6 apart
     assert torch.allclose(logprobs(version_0, old), old["logprobs"], atol=1e-5)
     assert (logprobs(learner, old) - old["logprobs"]).abs().mean() > 0.1  # the learner's current statistics differ
     assert torch.allclose(logprobs(learner, new), new["logprobs"], atol=1e-5)
@@ -185,8 +274,41 @@ class Scalars:
         self.logged.setdefault(tag, []).append(float(value))
 
 
-@pytest.mark.parametrize("rule", ["fixed", "forward"])
-def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_says(monkeypatch, rule):
+def test_the_learner_stops_before_its_next_iteration_once_stop_is_set(capsys):
+    """train() ends when the event it is given (the main block's Ctrl-C and SIGTERM handler sets it) is set: here
+    after the second of five iterations, before it asks for another rollout."""
+    args = vaco_async_mp.Args(num_envs_per_actor=1, num_steps=16, rollouts_per_batch=1, num_minibatches=1)
+    args.total_timesteps = 5 * 16
+    observation_space, action_space = vaco_async_mp.check_args(args)
+    agent = vaco_async_mp.Agent(observation_space, action_space)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    batch = vaco_async_mp.rollout_buffers(args.num_steps, 1, observation_space, action_space)
+    actors = InProcessActors(args, agent, [0] * 5)
+    stop = threading.Event()
+    publish = actors.publish
+
+    def publish_then_stop_after_two(agent):
+        publish(agent)
+        if actors.version == 2:
+            stop.set()
+
+    actors.publish = publish_then_stop_after_two
+    lag_counts = vaco_async_mp.train(args, agent, optimizer, actors, batch, Scalars(), stop)
+    assert actors.version == 2 and len(actors.given) == 2
+    assert lag_counts == {0: 2}
+    assert "interrupted at step 32" in capsys.readouterr().out
+
+
+LEARNER_CASES = {
+    "vaco": dict(tv_delta_rule="fixed"),
+    "vaco-forward": dict(tv_delta_rule="forward"),
+    # rho_bar < 1, so that IMPALA's truncated weight and V-trace's truncations are at work
+    "impala": dict(policy_loss="impala", rho_bar=0.9, c_bar=0.8),
+}
+
+
+@pytest.mark.parametrize("case", LEARNER_CASES)
+def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_says(monkeypatch, case):
     """train() on Hopper with a short time limit, fed rollouts of known lag (0 to 5 versions) with --max-policy-lag 2,
     every gradient step watched (conftest.record_updates). Checked against quantities recomputed here:
     - the measured lag: each batch's logged lag (mean, max), dropped rollouts and behavior version are those of the
@@ -197,13 +319,13 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
       a time limit (and V_beta(final obs) is what the actor recorded);
     - ALIGN: V-trace with pi_T's log-probs and critic (its statistics) on the raw observations;
     - FILTER: every minibatch's loss on the normalized advantages against beta's recorded log-probs, gated at delta
-      (or, with --tv-delta-rule forward, at delta + the batch's mean|pi_T/beta - 1|, logged as charts/tv_delta)."""
+      (or, with --tv-delta-rule forward, at delta + the batch's mean|pi_T/beta - 1|, logged as charts/tv_delta);
+      with --policy-loss impala, IMPALA's loss -mean(min(rho_bar, r) A log r) on the same r and A."""
     from gymnasium.wrappers.utils import RunningMeanStd
     from test_spec_functions import reference_vtrace, vaco_loss
 
     make = gym.make
     monkeypatch.setattr(gym, "make", lambda env_id, **kwargs: make(env_id, **{"max_episode_steps": 30, **kwargs}))
-    monkeypatch.setattr(vaco_async_mp, "stop_requested", False, raising=False)
     env_steps = record_env_steps(monkeypatch, gym.vector.SyncVectorEnv)
     updates = record_updates(
         monkeypatch,
@@ -222,7 +344,7 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
         learning_rate=3e-3,
         tv_delta=0.05,
         seed=3,
-        tv_delta_rule=rule,
+        **LEARNER_CASES[case],
     )
     observation_space, action_space = vaco_async_mp.check_args(args)
     torch.manual_seed(args.seed)
@@ -230,7 +352,7 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     batch = vaco_async_mp.rollout_buffers(args.num_steps, 2, observation_space, action_space)
     actors, writer = InProcessActors(args, agent, [0, 0, 1, 0, 3, 1, 2, 5, 0, 2, 1, 4, 3, 2, 0] + [1] * 20), Scalars()
-    vaco_async_mp.train(args, agent, optimizer, actors, batch, writer)
+    vaco_async_mp.train(args, agent, optimizer, actors, batch, writer, stop=threading.Event())
 
     # the measured lag and the hard filter
     iterations = range(6)
@@ -254,23 +376,27 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
                 with torch.no_grad():
                     expected = actors.published[version].get_value(torch.as_tensor(final_obs[0][None]).float())[0]
             kinds |= {"terminated"} if terminated[0] else {"truncated"} if truncated[0] else set()
+            # the same float32 critic on the same observation: values O(1), equal up to float32 rounding (~1e-7)
             assert rollout["truncation_values"][t, 0].item() == pytest.approx(float(expected), abs=1e-6)
     assert kinds == {"terminated", "truncated"}
 
     # normalization under lag, ALIGN, FILTER
     obs_rms, reward_rms = RunningMeanStd(shape=observation_space.shape), RunningMeanStd(shape=())
     firsts = {u["iteration"]: u for u in updates if "agent" in u}
-    T, N, gates = args.num_steps, 2, []
+    T, N = args.num_steps, 2
+    gates = []  # vaco: whether each minibatch's gate closed
+    truncated = []  # impala: whether a minibatch truncated a weight at rho_bar
     for i in iterations:
         first, pi_T = firsts[i + 1], firsts[i + 1]["agent"]
         columns = {key: torch.cat([rollout[key] for _, rollout in kept[i]], dim=1) for key in kept[i][0][1]}
         obs_rms.update(columns["obs"][:T].flatten(0, 1).numpy())
         reward_rms.update(columns["discounted_rewards"].flatten().numpy())
+        # float32 parameters against float64 statistics of values O(1): ~6e-8 apart (the atol: means near 0)
         torch.testing.assert_close(pi_T.obs_mean.double(), torch.as_tensor(obs_rms.mean), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pi_T.obs_var.double(), torch.as_tensor(obs_rms.var), atol=1e-5, rtol=1e-5)
         rewards = (columns["rewards"] / float(np.sqrt(reward_rms.var + 1e-8))).clamp(-10, 10)
         rewards = rewards + args.gamma * columns["truncation_values"]
-        torch.testing.assert_close(first["rewards"], rewards, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first["rewards"], rewards, atol=1e-5, rtol=1e-5)  # the same float32 ops, values O(1)
         b_obs, b_actions = columns["obs"][:T].flatten(0, 1), columns["actions"].flatten(0, 1)
         torch.testing.assert_close(first["b_obs"], b_obs)  # raw observations: pi_T applies its own statistics
         with torch.no_grad():
@@ -285,21 +411,34 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
             (lp_T - beta_logprobs).view(T, N).tolist(),
             args.gamma,
             args.gae_lambda,
-            1.0,
-            1.0,
+            args.rho_bar,
+            args.c_bar,
         )
+        # float32 recursions over 32 steps of O(1) terms against a float64 reference: ~3e-7 apart
         torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
-        bound = args.tv_delta + ((lp_T - beta_logprobs).exp() - 1).abs().mean().item() * (rule == "forward")
-        assert writer.logged["charts/tv_delta"][i] == pytest.approx(bound, rel=1e-5)
-        assert rule == "fixed" or max(lags[i]) == 0 or bound > args.tv_delta + 1e-3
+        forward = args.tv_delta_rule == "forward"
+        bound = args.tv_delta + ((lp_T - beta_logprobs).exp() - 1).abs().mean().item() * forward
+        assert writer.logged["charts/tv_delta"][i] == pytest.approx(bound, rel=1e-5)  # float32 means of 64 ratios
+        assert not forward or max(lags[i]) == 0 or bound > args.tv_delta + 1e-3
         for update in (u for u in updates if u["iteration"] == i + 1):
             advantages = first["b_advantages"][update["mb_inds"]]
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            loss, gate = vaco_loss(update["newlogprob"], beta_logprobs[update["mb_inds"]], advantages, bound)
+            mb_beta_logprobs = beta_logprobs[update["mb_inds"]]
+            if args.policy_loss == "vaco":
+                loss, gate = vaco_loss(update["newlogprob"], mb_beta_logprobs, advantages, bound)
+                gates.append(gate)
+            else:  # IMPALA's loss, its truncated weight recomputed here
+                log_ratio = (update["newlogprob"] - mb_beta_logprobs).double()
+                weights = log_ratio.exp().clamp(max=args.rho_bar)
+                truncated.append((log_ratio.exp() > args.rho_bar).any().item())
+                loss = -(weights * advantages.double() * log_ratio).mean().item()
+            # float32 losses of normalized advantages, O(1): rounding is ~1e-7 of the largest term
             assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
-            gates.append(gate)
-    assert set(gates) == {0.0, 1.0}
+    if args.policy_loss == "vaco":
+        assert set(gates) == {0.0, 1.0}  # the gate both opened and closed
+    else:
+        assert any(truncated)  # the truncation at rho_bar was at work
 
 
 # ---------------------------------------------------------------- helpers for the runs
@@ -379,6 +518,8 @@ def actor_pids(lines):
 
 @pytest.mark.slow
 def test_two_actors_learn_cartpole_with_a_bounded_lag_and_leave_no_process(tmp_path):
+    """The default run with two actors: CartPole learned (a mean of 195 over 20 episodes), every key logged, the lag
+    measured near the depth of the slot queue, and no process left once it ends."""
     run_ = Background(tmp_path, "--num-actors", "2", "--total-timesteps", "25600", "--seed", "1", *SMALL)
     pids = set(actor_pids(run_.wait_for(lambda line: " started (pid " in line)))
     pids |= descendants(run_.proc.pid)  # the actors, the process server that forks them, the resource tracker
@@ -400,7 +541,9 @@ def test_two_actors_learn_cartpole_with_a_bounded_lag_and_leave_no_process(tmp_p
 
 
 @pytest.mark.slow
-def test_hopper_with_the_kl_penalty_logs_returns_lag_and_the_statistics_version(run, tmp_path):
+def test_on_hopper_each_batch_comes_from_the_learner_version_minus_its_lag_and_the_kl_coef_adapts(run, tmp_path):
+    """Box actions with real actors: charts/behavior_version = iteration - 1 - charts/policy_lag (the actors load each
+    new version of the weights and statistics), and ppo-kl's adaptive coefficient moves by x2 or /2 only."""
     proc = run(
         "vaco_async_mp.py",
         "--env-id",
@@ -532,7 +675,8 @@ def test_past_the_restart_limit_the_run_stops_with_the_actor_error(run, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_a_checkpoint_and_stops_everything(tmp_path, sig, to_group):
-    """Ctrl-C in a terminal signals the whole process group; `kill` or a scheduler signals the learner only."""
+    """Ctrl-C or SIGTERM: exit code 130 within seconds, a checkpoint that loads, no process left. Ctrl-C in a terminal
+    signals the whole process group; `kill` or a scheduler signals the learner only."""
     run_ = Background(tmp_path, "--num-actors", "2", "--total-timesteps", "10000000", "--save-model", *SMALL)
     run_.wait_for(lambda line: line.startswith("step"))
     pids = descendants(run_.proc.pid)
@@ -588,7 +732,9 @@ def test_atari_ids_get_the_preprocessing_of_vaco_atari():
 
 
 @pytest.mark.slow
-def test_atari_runs(run, tmp_path):
+def test_an_atari_id_trains_end_to_end(run, tmp_path):
+    """ALE/Breakout-v5, one actor, two iterations: uint8 frames through the slots, the CNN trained, each iteration
+    logged."""
     pytest.importorskip("ale_py", reason="Atari needs ale-py (pip install ale-py)")
     proc = run(
         "vaco_async_mp.py",
