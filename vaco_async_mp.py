@@ -337,7 +337,7 @@ def adapt_tv_delta(tv_delta, anchor_rhos, rule):
     # tv_delta. `forward` adds the batch's backward lag mean|pi_T/anchor - 1|: as E|pi_theta/beta - pi_T/beta| is
     # 2 TV(pi_theta, pi_T), the gate then stays open (in expectation) while this batch's own move is under tv_delta.
     # It equals `fixed` without lag (up to rounding) and for the learner anchor (anchor = pi_T). Off by default:
-    # under lag the bound follows the lag and the lag the bound, and on MuJoCo at lag 8 the lag compounded.
+    # under lag the bound follows the lag and the lag the bound, so the lag can compound.
     return tv_delta + (anchor_rhos - 1).abs().mean().item() if rule == "forward" else tv_delta
 
 

@@ -233,7 +233,7 @@ def adapt_tv_delta(tv_delta, anchor_rhos, rule):
     # tv_delta. `forward` adds the batch's backward lag mean|pi_T/anchor - 1|: as E|pi_theta/beta - pi_T/beta| is
     # 2 TV(pi_theta, pi_T), the gate then stays open (in expectation) while this batch's own move is under tv_delta.
     # It equals `fixed` without lag (up to rounding) and for the learner anchor (anchor = pi_T). Off by default:
-    # under lag the bound follows the lag and the lag the bound, and on MuJoCo at lag 8 the lag compounded.
+    # under lag the bound follows the lag and the lag the bound, so the lag can compound.
     return tv_delta + (anchor_rhos - 1).abs().mean().item() if rule == "forward" else tv_delta
 
 
@@ -269,18 +269,21 @@ def check_args(args):
     given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
     batch = args.num_envs * args.num_steps
     two_per_minibatch = batch >= 2 * args.num_minibatches  # each minibatch normalizes its advantages by their std
-    max_lr = 0.1 * torch.finfo(torch.float32).max  # Adam's first step is lr / (1 - 0.9)
+    float32_max = torch.finfo(torch.float32).max
+    adam_fits = args.learning_rate / (1 - 0.9) <= float32_max  # Adam's first step, as torch computes it
     rules = [(f, np.isfinite(value), "a finite number") for f, value in given.items() if isinstance(value, float)]
     rules += [(f, given[f] >= 1, ">= 1") for f in ("num-envs", "num-steps", "update-epochs")]
     rules += [(f, 0 <= given[f] <= 1, "in [0, 1]") for f in ("gamma", "gae-lambda")]
     rules += [(f, given[f] > 0, "> 0") for f in "learning-rate max-grad-norm tv-delta rho-bar clip-coef".split()]
     rules += [(f, given[f] >= 0, ">= 0") for f in "ent-coef vf-coef kl-coef kl-target policy-lag eval-episodes".split()]
+    rules += [(f, given[f] <= float32_max, f"<= {float32_max:.2g}, a float32 clamp bound") for f in ("rho-bar", "clip-coef")]
     rules += [
         ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
         ("total-timesteps", args.total_timesteps >= batch, f">= one batch of --num-envs x --num-steps = {batch}"),
+        ("num-steps", batch >= 2, ">= 2 with --num-envs 1: a variance needs 2 samples"),
         ("num-minibatches", args.num_minibatches >= 1 and batch % args.num_minibatches == 0, f"a divisor of {batch}"),
         ("num-minibatches", not args.norm_adv or two_per_minibatch, f"<= {batch // 2} with --norm-adv: a std needs 2 samples"),
-        ("learning-rate", args.learning_rate < max_lr, f"< {max_lr:.2g}, or Adam's first step overflows float32"),
+        ("learning-rate", adam_fits, f"< {0.1 * float32_max:.2g}, or Adam's first step overflows float32"),
         ("c-bar", 0 < args.c_bar <= args.rho_bar, f"in (0, --rho-bar] = (0, {args.rho_bar}], as V-trace requires"),
         ("capture-video", not args.capture_video or importlib.util.find_spec("moviepy"), "off without moviepy"),
         ("track", not args.track or importlib.util.find_spec("wandb"), "off without wandb"),

@@ -169,11 +169,17 @@ UNSTARTABLE = [
     (["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "16"], "--num-minibatches must be <= 8 with --norm-adv"),
     # Adam's first step is lr / (1 - 0.9): above 0.1 x float32's largest value torch cannot represent it
     (["--learning-rate", "1e38"], "--learning-rate must be < 3.4e+37, or Adam's first step overflows float32 (got 1e+38)"),
+    # torch.clamp takes its bound as a float32 (V-trace's rho_bar, impala's weight, ppo's clip)
+    (["--rho-bar", "3.5e38"], "--rho-bar must be <= 3.4e+38, a float32 clamp bound (got 3.5e+38)"),
+    # a batch of one sample: the explained variance (and every std) is undefined
+    (["--num-envs", "1", "--num-steps", "1", "--num-minibatches", "1"], "--num-steps must be >= 2 with --num-envs 1"),
 ]
 
 
 @pytest.mark.parametrize("script", SYNCHRONOUS)
-@pytest.mark.parametrize("flags,message", UNSTARTABLE, ids=["minibatch-of-one", "adam-overflow"])
+@pytest.mark.parametrize(
+    "flags,message", UNSTARTABLE, ids=["minibatch-of-one", "adam-overflow", "clamp-overflow", "batch-of-one"]
+)
 def test_a_configuration_that_cannot_run_is_refused_naming_the_flag(script, flags, message):
     assert flag_error(script, *flags).startswith(f"error: {message}")
 
@@ -184,7 +190,13 @@ def test_the_limits_of_the_refusals_still_run(script):
     import tyro
 
     module = importlib.import_module(script[: -len(".py")])
-    for flags in (["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "8"], ["--learning-rate", "3e37"]):
+    inside = [
+        ["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "8"],
+        ["--learning-rate", "3e37"],
+        ["--rho-bar", "3e38"],
+    ]
+    inside += [["--num-envs", "1", "--num-steps", "2", "--num-minibatches", "1"]]
+    for flags in inside:
         module.check_args(tyro.cli(module.Args, args=flags))  # raises SystemExit if refused
     module.check_args(
         tyro.cli(module.Args, args=["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "16", "--no-norm-adv"])
