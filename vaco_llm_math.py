@@ -6,6 +6,7 @@
 # that would push the policy further from the generator's. Weights and optimizer state are fp32; --dtype is the
 # compute precision.
 import contextlib
+import importlib.util
 import json
 import os
 import queue
@@ -26,20 +27,18 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.tensorboard import SummaryWriter
 
-# How this script works, beyond the algorithm (the README's vaco_llm_math.py section keeps the short version).
+# How this script works, beyond the algorithm (the README's vaco_llm_math.py section keeps the short version; the
+# measurements behind these choices are on tests/results/README.md, the LLM sections).
 #
-# Numerics. The model is always loaded in fp32: the learner's weights and AdamW's state are fp32 master copies (AdamW
-# steps of 1e-6..1e-5 round to zero on bf16 weights: on an H100, pure-bf16 weights did not learn at all, fp32 weights
-# learned --synthetic-ops + from 0.07 to 1.00 greedy accuracy in 20 steps). --dtype sets the compute precision of
-# sampling and of the learner's forward pass: float32 (default) or bfloat16, which is torch.autocast over the fp32
-# weights, on CUDA and CPU alike. --save-model writes the fp32 weights.
+# Numerics. The model is always loaded in fp32: the learner's weights and AdamW's state are fp32 master copies, since
+# AdamW steps of 1e-6..1e-5 round to zero on bf16 weights. --dtype sets the compute precision of sampling and of the
+# learner's forward pass: float32 (default) or bfloat16, which is torch.autocast over the fp32 weights, on CUDA and CPU
+# alike. --save-model writes the fp32 weights.
 # At lag 0, pi_T / beta is 1 only up to a numerical floor (sampling and the learner run different kernels and shapes),
 # and the filter reads that floor as lag, so it must stay far below delta. Mind the units: delta bounds the L1
 # quantity mean|r - 1| of a minibatch, while the logged losses/tv and align/tv_behavior are TV = 0.5 * mean|r - 1|.
-# Measured TV floors on SmolLM2-135M: 2-3e-6 in fp32 on an H100 (an L1 of 4-6e-6, at most 1.2e-4 of delta = 0.05),
-# 1.5e-2 under bf16 autocast (an L1 of 3e-2: 60% of delta, so the gate would fire on rounding alone). The script
-# reports its lag-0 floor in L1 units beside delta at step 1 and warns above delta / 10. Measurements:
-# tests/results/README.md ("LLM: the numerical floor at lag 0").
+# fp32's floor is far below delta; bf16's is over half of delta = 0.05. The script reports its lag-0 floor in L1 units
+# beside delta at step 1 and warns above delta / 10.
 #
 # Asynchrony. A generator thread (generator_thread) with its own fp32 copy of the weights samples the batches of
 # future steps through a queue of at most K batches (--policy-lag K, default 1) and loads each version the learner
@@ -49,26 +48,23 @@ from torch.utils.tensorboard import SummaryWriter
 #
 # Sampling (sample) uses its own loop, not generate, so that beta is recorded exactly as sampled
 # (log_softmax(logits / temperature)) with the learner's positions; at lag 0, pi_T = beta up to rounding (tested).
-# In fp32 it decodes with a static KV cache, and with --compile-decode on CUDA the
-# one-token decode step is compiled (torch.compile, CUDA graphs; on CUDA prompts are left-padded to a multiple of 64
-# columns so that it sees few shapes; opt-in because it has not run on a GPU yet). Under bf16 autocast it uses a
-# dynamic cache, uncompiled (the rotary keys come out fp32 and the values bf16, which a static cache cannot hold).
-# There is no host synchronization per token: whether every row has ended is checked every 16 tokens. A test checks
-# that this sampler gives the same tokens and log-probs as a plain loop with a full forward pass per token.
-# perf/generate_tokens_per_s = generated tokens / perf/generate_s.
+# In fp32 it decodes with a static KV cache, and with --compile-decode on CUDA the one-token decode step is compiled
+# (torch.compile, CUDA graphs; on CUDA prompts are left-padded to a multiple of 64 columns so that it sees few shapes).
+# Under bf16 autocast it uses a dynamic cache, uncompiled (the rotary keys come out fp32 and the values bf16, which a
+# static cache cannot hold). There is no host synchronization per token: whether every row has ended is checked every
+# 16 tokens. A test checks that this sampler gives the same tokens and log-probs as a plain loop with a full forward
+# pass per token. perf/generate_tokens_per_s = generated tokens / perf/generate_s.
 #
 # Micro-batching and memory (minibatch_policy_gradient, head_logprobs). The gate needs pi_theta on the whole minibatch
 # first, so a no-grad pass computes the token log-probs and the loss's gradient with respect to them, then each
 # micro-batch backpropagates its share: the exact minibatch gradient in bounded memory (tested against the direct
 # one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 512 tokens at a time: the
 # vocabulary-wide logits exist, in fp32, for one chunk at a time, and with gradients each chunk is recomputed in the
-# backward pass instead of kept. Longer or larger micro-batches no longer multiply the memory; the vocabulary enters
-# through one chunk only (measured: 3.90 GB -> 0.60 GB for 8 sequences of 64 + 512 tokens with SmolLM2's vocabulary).
+# backward pass instead of kept, so the vocabulary's cost does not grow with the micro-batch.
 #
 # Reward (reward_fn): 1 if the answer (the last \boxed{...}, nested braces allowed, else the last number) equals the
 # gold number after #### numerically (18.00 = 18, 1,000 = 1000). charts/format_rate is logged apart: since the reward
-# accepts the last number, a model can drop the box as it learns (on the H100 runs the format rate went 0.01 -> 0 and
-# answers shrank to ~14 tokens while accuracy rose to 1.0). Read eval/accuracy, not the format rate.
+# accepts the last number, a model can drop the box as it learns. Read eval/accuracy, not the format rate.
 #
 # Data (load_problems): openai/gsm8k (main), --dataset-path FILE.jsonl of {"question", "answer"} records, or
 # --dataset synthetic (a seeded generator of GSM8K-format word problems in this file, so it runs offline).
@@ -109,9 +105,9 @@ class Args:
     """a Hugging Face hub id or a local model folder, loaded in fp32 (the master weights)"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute precision of sampling and of the learner's forward pass: bfloat16 is autocast over the fp32 weights
-    (faster on big models, but its lag-0 floor, L1 mean|pi_T/beta - 1|, is ~3e-2: over half the default --tv-delta)"""
+    (faster on big models, but its lag-0 floor, L1 mean|pi_T/beta - 1|, is over half the default --tv-delta)"""
     compile_decode: bool = False
-    """on CUDA in float32: compile sampling's one-token decode step (CUDA graphs); not yet run on a GPU, so opt-in"""
+    """on CUDA in float32: compile sampling's one-token decode step (CUDA graphs); opt-in until it has run on a GPU"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the learner's backward pass"""
     dataset: str = "openai/gsm8k"
@@ -168,13 +164,163 @@ class Args:
     """evaluate every this many steps (and at the start and the end; 0: only at the start and the end)"""
 
 
+# Answers: the last \boxed{...}, else the last number; compared numerically with the gold number.
+NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def parse_number(text):
+    """The last number in `text` as a float (thousands separators and `$` allowed), or None."""
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,000 -> 1000, but "3, 4" stays a list
+    matches = NUMBER.findall(text.replace("$", ""))
+    return float(matches[-1]) if matches else None
+
+
+def last_boxed(text):
+    """The content of the last \\boxed{...} (nested braces allowed), or None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    begin = start + len("\\boxed{") - 1  # the opening brace
+    depth = 0
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin + 1 : i]
+    return None  # unclosed
+
+
+def extract_answer(text):
+    """(answer as a float or None, whether a closed \\boxed{} was present)."""
+    boxed = last_boxed(text)
+    return parse_number(boxed if boxed is not None else text), boxed is not None
+
+
+def gold_answer(answer):
+    """The gold number of a GSM8K answer, written after `####`."""
+    value = parse_number(answer.split("####")[-1]) if "####" in answer else None
+    if value is None:
+        raise ValueError("no number after '####'")
+    return value
+
+
+def reward_fn(completion, gold):
+    """(reward 1.0 if the answer equals the gold number numerically else 0.0, format: a \\boxed{} was present)."""
+    answer, boxed = extract_answer(completion)
+    correct = answer is not None and abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
+    return float(correct), float(boxed)
+
+
+SYNTHETIC_TRAIN_SIZE = 10_000  # --dataset synthetic: the problems a batch's prompts are drawn from
+
+
+def make_synthetic_problems(n, seed, max_number=20, ops="+-*"):
+    """GSM8K-format arithmetic word problems: one operation on two numbers, with the worked answer."""
+    rng = random.Random(seed)
+    names = ["Ava", "Ben", "Mia", "Leo", "Zoe", "Sam"]
+    items = ["apples", "books", "coins", "pens", "cards"]
+    problems = []
+    for _ in range(n):
+        name, item, op = rng.choice(names), rng.choice(items), rng.choice(ops)
+        a, b = rng.randint(1, max_number), rng.randint(1, max_number)  # the two operands
+        if op == "+":
+            question = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
+            answer = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {item}.\n#### {a + b}"
+        elif op == "-":
+            a, b = max(a, b), min(a, b)
+            question = f"{name} has {a} {item}. {name} gives away {b} {item}. How many {item} does {name} have left?"
+            answer = f"{name} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {item} left.\n#### {a - b}"
+        else:
+            question = f"{name} has {a} boxes with {b} {item} in each box. How many {item} does {name} have?"
+            answer = f"{name} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {item}.\n#### {a * b}"
+        problems.append({"question": question, "answer": answer})
+    return problems
+
+
+def to_pairs(records):
+    """(question, gold number) of each GSM8K-format record."""
+    return [(record["question"], gold_answer(record["answer"])) for record in records]
+
+
+def read_jsonl(path):
+    """(question, gold number) of each record of a JSONL file of GSM8K records; a bad record stops the run."""
+    problems = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                problems += to_pairs([json.loads(line)])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise SystemExit(
+                    f"error: {path}:{line_number}: not a GSM8K record "
+                    f'{{"question", "answer"}} with the gold after \'####\' ({e!r})'
+                ) from None
+    return problems
+
+
+def load_problems(args):
+    """(train, held-out) lists of (question, gold number), enough for --num-prompts and --eval-samples; whatever
+    is missing stops the run before the model loads."""
+    if args.dataset_path is not None:
+        problems = read_jsonl(args.dataset_path)
+        if len(problems) < args.eval_samples + args.num_prompts:
+            raise SystemExit(
+                f"error: {args.dataset_path} has {len(problems)} records; it needs at least "
+                f"--eval-samples (held out) + --num-prompts = {args.eval_samples + args.num_prompts}"
+            )
+        return problems[: len(problems) - args.eval_samples], problems[len(problems) - args.eval_samples :]
+    if args.dataset == "synthetic":
+        train_size = max(SYNTHETIC_TRAIN_SIZE, args.num_prompts)  # the first 10,000 whatever --num-prompts
+        train = make_synthetic_problems(train_size, args.seed, args.synthetic_max_number, args.synthetic_ops)
+        held_out = make_synthetic_problems(
+            args.eval_samples, args.seed + 10_000, args.synthetic_max_number, args.synthetic_ops
+        )
+        return to_pairs(train), to_pairs(held_out)
+    import datasets  # only here: it is slow to import and offline runs do not need it
+
+    try:
+        data = datasets.load_dataset("openai/gsm8k", "main")
+    except Exception as e:
+        raise SystemExit(
+            f"error: could not load openai/gsm8k ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "offline, use --dataset synthetic or --dataset-path FILE.jsonl"
+        ) from None
+    if len(data["train"]) < args.num_prompts or len(data["test"]) < args.eval_samples:
+        raise SystemExit(
+            f"error: --num-prompts and --eval-samples must be at most the {len(data['train'])} training and "
+            f"{len(data['test'])} test problems of openai/gsm8k (got {args.num_prompts} and {args.eval_samples})"
+        )
+    return to_pairs(data["train"]), to_pairs(data["test"])[: args.eval_samples]
+
+
+def format_prompt(tokenizer, question):
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"Question: {question}\n{INSTRUCTION}\nAnswer:"
+
+
+def encode_prompts(tokenizer, questions, device):
+    """Prompt ids and mask, left-padded so that every completion starts at the same column (on CUDA to a multiple
+    of 64 columns, so that the compiled decode step sees few shapes)."""
+    enc = tokenizer(
+        [format_prompt(tokenizer, q) for q in questions],
+        return_tensors="pt",
+        padding=True,
+        pad_to_multiple_of=64 if torch.device(device).type == "cuda" else None,
+        add_special_tokens=not tokenizer.chat_template,
+    )
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, generator=None, compile=False):
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, sampling_rng=None, compile=False):
     """Sample completions, recording the log-prob of each sampled token under the sampling distribution (beta);
-    generator=None decodes greedily. No host synchronization but one check every 16 tokens whether every row has
-    ended; in fp32 a static KV cache, and with compile=True on CUDA the one-token decode step compiled. Returns
-    completions, their log-probs and the mask of valid tokens (up to and including the first end-of-sequence
-    token), each [B, max_new_tokens]."""
+    sampling_rng (a torch.Generator) or None to decode greedily. No host synchronization but one check every 16 tokens
+    whether every row has ended; in fp32 a static KV cache, and with compile=True on CUDA the one-token decode step
+    compiled. Returns completions, their log-probs and the mask of valid tokens (up to and including the first
+    end-of-sequence token), each [B, max_new_tokens]."""
     from transformers import DynamicCache, StaticCache
 
     batch, width = prompt_ids.shape
@@ -182,24 +328,24 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     static = not torch.is_autocast_enabled(prompt_ids.device.type)  # bf16 autocast: fp32 keys (rotated), bf16 values
     cache = StaticCache(model.config, width + max_new_tokens) if static else DynamicCache(config=model.config)
-    decode = model.get_compiled_call(None) if compile and static and prompt_ids.device.type == "cuda" else model
+    compiled = compile and static and prompt_ids.device.type == "cuda"
+    decode = model.get_compiled_call(None) if compiled else model  # the one-token step
     tokens = torch.full((batch, max_new_tokens), pad_id, device=prompt_ids.device)
     logprobs = torch.zeros(tokens.shape, device=prompt_ids.device)
     valid = torch.zeros_like(tokens, dtype=torch.bool)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-    ids, ids_positions, forward = prompt_ids, positions[:, :width], model  # the prompt: not compiled (its width varies)
+    # the first forward pass reads the prompt, uncompiled (its width varies); then one token at a time
+    ids, ids_positions, forward = prompt_ids, positions[:, :width], model
     for t in range(max_new_tokens):
         logits = forward(
             input_ids=ids, attention_mask=mask, position_ids=ids_positions, past_key_values=cache, logits_to_keep=1
         ).logits[:, -1]
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = (
-            logp.argmax(-1)
-            if generator is None
-            else torch.multinomial(  # diverged weights: NaN log-probs go on
-                logp.exp().nan_to_num(1.0), 1, generator=generator
-            )[:, 0]
-        )  # to the learner, which stops the run
+        if sampling_rng is None:
+            token = logp.argmax(-1)
+        else:  # diverged weights give NaN log-probs: sample anyway, the learner's check then stops the run
+            probs = logp.exp().nan_to_num(1.0)
+            token = torch.multinomial(probs, 1, generator=sampling_rng)[:, 0]
         tokens[:, t] = token.masked_fill(done, pad_id)
         logprobs[:, t] = logp.gather(-1, token[:, None])[:, 0]
         valid[:, t] = ~done
@@ -211,6 +357,11 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
 
 
 LOGIT_CHUNK = 512  # tokens whose vocabulary-wide logits exist at once in the learner
+
+
+def compute_precision(device, dtype):
+    """The context of --dtype's compute: bf16 autocast over the fp32 weights, or fp32 as they are."""
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def head_logprobs(head, hidden, tokens, temperature):
@@ -301,8 +452,7 @@ def minibatch_policy_gradient(model, micro_batches, behavior_logprob, advantages
     over the valid tokens, in micro-batch then row-major order. Returns (pg_loss, stats, log pi_theta, entropy),
     the last two on the valid tokens before this update.
     """
-    compute_dtype = torch.autocast(model.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16")
-    with torch.no_grad(), compute_dtype:
+    with torch.no_grad(), compute_precision(model.device, args.dtype):
         parts = [completion_logprobs(model, *micro_batch, args.temperature) for micro_batch in micro_batches]
     newlogprob, entropy = (torch.cat(part) for part in zip(*parts))
     newlogprob.requires_grad_(True)
@@ -311,13 +461,13 @@ def minibatch_policy_gradient(model, micro_batches, behavior_logprob, advantages
     )
     (token_grad,) = torch.autograd.grad(pg_loss, newlogprob)
     for micro_batch, grad in zip(micro_batches, token_grad.split([len(logprob) for logprob, _ in parts])):
-        with compute_dtype:
+        with compute_precision(model.device, args.dtype):
             logprob = completion_logprobs(model, *micro_batch, args.temperature)[0]
         (logprob * grad).sum().backward()
     return pg_loss.detach(), pg_stats, newlogprob.detach(), entropy
 
 
-def update(model, optimizer, batch, args, kl_coef, shuffler):
+def update(model, optimizer, batch, args, kl_coef, shuffle_rng):
     """One learner step: GRPO advantages (the reward standardized within each group of completions of one prompt),
     then --update-epochs passes of --num-minibatches policy-gradient steps, each against the behavior log-probs
     recorded while sampling. Returns the mean over the minibatches of each logged statistic."""
@@ -327,10 +477,11 @@ def update(model, optimizer, batch, args, kl_coef, shuffler):
         batch[key].to(model.device) for key in ("prompt_ids", "prompt_mask", "completions", "valid", "behavior_logprob")
     )  # b_logprobs: log beta(y_t)
     b_advantages = seq_advantages.reshape(-1, 1).to(model.device).expand_as(b_valid)
-    batch_size, minibatch_size = len(b_valid), len(b_valid) // args.num_minibatches
+    batch_size = len(b_valid)
+    minibatch_size = batch_size // args.num_minibatches
     minibatch_stats = []
     for epoch in range(args.update_epochs):
-        b_inds = torch.randperm(batch_size, generator=shuffler).to(model.device)
+        b_inds = torch.randperm(batch_size, generator=shuffle_rng).to(model.device)
         for start in range(0, batch_size, minibatch_size):
             mb_inds = b_inds[start : start + minibatch_size]
             micro_batches = [
@@ -338,7 +489,8 @@ def update(model, optimizer, batch, args, kl_coef, shuffler):
                 for inds in mb_inds.split(args.micro_batch_size)
             ]
             mb_valid = b_valid[mb_inds]  # 1-D token tensors from here on: padding never enters the loss
-            mb_logprobs, mb_advantages = b_logprobs[mb_inds][mb_valid], b_advantages[mb_inds][mb_valid]
+            mb_logprobs = b_logprobs[mb_inds][mb_valid]
+            mb_advantages = b_advantages[mb_inds][mb_valid]
 
             optimizer.zero_grad()
             pg_loss, pg_stats, newlogprob, entropy = minibatch_policy_gradient(
@@ -364,27 +516,19 @@ def update(model, optimizer, batch, args, kl_coef, shuffler):
     return logged | {"align/tv_behavior": minibatch_stats[0]["losses/tv"]}  # first minibatch: pi_theta is still pi_T
 
 
-def rollout(model, tokenizer, problems, args, eos_ids, generator=None):
-    """Sample (or, with generator=None, decode greedily) one completion per problem, --generation-batch-size
+def rollout(model, tokenizer, problems, args, eos_ids, sampling_rng=None):
+    """Sample (or, with sampling_rng=None, decode greedily) one completion per problem, --generation-batch-size
     sequences at a time in the --dtype compute precision; returns a batch on the CPU with rewards and format flags."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [question for question, _ in problems], eos_ids.device)
-    with torch.autocast(eos_ids.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    pad_id = tokenizer.pad_token_id
+    size = args.generation_batch_size
+    with compute_precision(eos_ids.device, args.dtype):
         parts = [
-            sample(
-                model,
-                ids,
-                mask,
-                args.max_new_tokens,
-                args.temperature,
-                eos_ids,
-                tokenizer.pad_token_id,
-                generator,
-                args.compile_decode,
-            )
-            for ids, mask in zip(prompt_ids.split(args.generation_batch_size), prompt_mask.split(args.generation_batch_size))
+            sample(model, ids, mask, args.max_new_tokens, args.temperature, eos_ids, pad_id, sampling_rng, args.compile_decode)
+            for ids, mask in zip(prompt_ids.split(size), prompt_mask.split(size))
         ]
     completions, logprobs, valid = (torch.cat(part).cpu() for part in zip(*parts))
-    texts = tokenizer.batch_decode(completions.masked_fill(~valid, tokenizer.pad_token_id), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completions.masked_fill(~valid, pad_id), skip_special_tokens=True)
     scores = torch.tensor([reward_fn(text, gold) for text, (_, gold) in zip(texts, problems)])
     return {
         "prompt_ids": prompt_ids.cpu(),
@@ -398,12 +542,13 @@ def rollout(model, tokenizer, problems, args, eos_ids, generator=None):
     }
 
 
-def make_batch(model, version, tokenizer, problems, args, eos_ids, rng, generator):
+def make_batch(model, version, tokenizer, problems, args, eos_ids, problem_rng, sampling_rng):
     """The rollouts of one learner step, sampled with the weights of `version`: --num-prompts problems x
     --group-size samples (group members adjacent)."""
     start_time = time.time()
-    chosen = [problems[i] for i in rng.choice(len(problems), args.num_prompts, replace=False)]
-    batch = rollout(model, tokenizer, [p for p in chosen for _ in range(args.group_size)], args, eos_ids, generator)
+    chosen = [problems[i] for i in problem_rng.choice(len(problems), args.num_prompts, replace=False)]
+    grouped = [problem for problem in chosen for _ in range(args.group_size)]
+    batch = rollout(model, tokenizer, grouped, args, eos_ids, sampling_rng)
     return batch | {"version": version, "generate_s": time.time() - start_time}
 
 
@@ -433,183 +578,39 @@ def generator_thread(model, weight_queue, batch_queue, stop, produce, args, num_
         batch_queue.put(e)
 
 
-# Answers: the last \boxed{...}, else the last number; compared numerically with the gold number.
-NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-def parse_number(text):
-    """The last number in `text` as a float (thousands separators and `$` allowed), or None."""
-    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,000 -> 1000, but "3, 4" stays a list
-    matches = NUMBER.findall(text.replace("$", ""))
-    return float(matches[-1]) if matches else None
-
-
-def last_boxed(text):
-    """The content of the last \\boxed{...} (nested braces allowed), or None if there is none."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{") - 1
-    for i in range(begin, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[begin + 1 : i]
-    return None  # unclosed
-
-
-def extract_answer(text):
-    """(answer as a float or None, whether a closed \\boxed{} was present)."""
-    boxed = last_boxed(text)
-    return parse_number(boxed if boxed is not None else text), boxed is not None
-
-
-def gold_answer(answer):
-    """The gold number of a GSM8K answer, written after `####`."""
-    value = parse_number(answer.split("####")[-1]) if "####" in answer else None
-    if value is None:
-        raise ValueError("no number after '####'")
-    return value
-
-
-def reward_fn(completion, gold):
-    """(reward 1.0 if the answer equals the gold number numerically else 0.0, format: a \\boxed{} was present)."""
-    answer, boxed = extract_answer(completion)
-    correct = answer is not None and abs(answer - gold) <= 1e-6 * max(1.0, abs(gold))
-    return float(correct), float(boxed)
-
-
-def make_synthetic_problems(n, seed, max_number=20, ops="+-*"):
-    """GSM8K-format arithmetic word problems: one operation on two numbers, with the worked answer."""
-    rng = random.Random(seed)
-    names, items = ["Ava", "Ben", "Mia", "Leo", "Zoe", "Sam"], ["apples", "books", "coins", "pens", "cards"]
-    problems = []
-    for _ in range(n):
-        name, item, op = rng.choice(names), rng.choice(items), rng.choice(ops)
-        a, b = rng.randint(1, max_number), rng.randint(1, max_number)
-        if op == "+":
-            question = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
-            answer = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {item}.\n#### {a + b}"
-        elif op == "-":
-            a, b = max(a, b), min(a, b)
-            question = f"{name} has {a} {item}. {name} gives away {b} {item}. How many {item} does {name} have left?"
-            answer = f"{name} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {item} left.\n#### {a - b}"
-        else:
-            question = f"{name} has {a} boxes with {b} {item} in each box. How many {item} does {name} have?"
-            answer = f"{name} has {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {item}.\n#### {a * b}"
-        problems.append({"question": question, "answer": answer})
-    return problems
-
-
-def to_pairs(records):
-    """(question, gold number) of each GSM8K-format record."""
-    return [(record["question"], gold_answer(record["answer"])) for record in records]
-
-
-def load_problems(args):
-    """(train, eval) lists of (question, gold number); bad records stop the run before the model loads."""
-    if args.dataset_path is not None:
-        records = []
-        with open(args.dataset_path) as f:
-            for line_number, line in enumerate(f, 1):
-                try:
-                    records += to_pairs([json.loads(line)]) if line.strip() else []
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise SystemExit(
-                        f"error: {args.dataset_path}:{line_number}: not a GSM8K record "
-                        f'{{"question", "answer"}} with the gold after \'####\' ({e!r})'
-                    ) from None
-        if len(records) < args.eval_samples + args.num_prompts:
-            raise SystemExit(
-                f"error: {args.dataset_path} has {len(records)} records; it needs at least "
-                f"--eval-samples (held out) + --num-prompts = {args.eval_samples + args.num_prompts}"
-            )
-        return records[: len(records) - args.eval_samples], records[len(records) - args.eval_samples :]
-    if args.dataset == "synthetic":
-        return (
-            to_pairs(make_synthetic_problems(10_000, args.seed, args.synthetic_max_number, args.synthetic_ops)),
-            to_pairs(
-                make_synthetic_problems(args.eval_samples, args.seed + 10_000, args.synthetic_max_number, args.synthetic_ops)
-            ),
-        )
-    import datasets  # only here: it is slow to import and offline runs do not need it
-
-    try:
-        data = datasets.load_dataset("openai/gsm8k", "main")
-    except Exception as e:
-        raise SystemExit(
-            f"error: could not load openai/gsm8k ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "offline, use --dataset synthetic or --dataset-path FILE.jsonl"
-        ) from None
-    return to_pairs(data["train"]), to_pairs(data["test"])[: args.eval_samples]
-
-
-def format_prompt(tokenizer, question):
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"Question: {question}\n{INSTRUCTION}\nAnswer:"
-
-
-def encode_prompts(tokenizer, questions, device):
-    """Prompt ids and mask, left-padded so that every completion starts at the same column (on CUDA to a multiple
-    of 64 columns, so that the compiled decode step sees few shapes)."""
-    enc = tokenizer(
-        [format_prompt(tokenizer, q) for q in questions],
-        return_tensors="pt",
-        padding=True,
-        pad_to_multiple_of=64 if torch.device(device).type == "cuda" else None,
-        add_special_tokens=not tokenizer.chat_template,
-    )
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
 def check_args(args):
     """Every flag's range, before anything is loaded or written: one line that names the flag, else nothing."""
-
-    def require(ok, flag, valid):
-        if not ok:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be {valid} (got {vars(args)[flag]!r})")
-
-    for flag, low in (
-        ("total_steps", 1),
-        ("num_prompts", 1),
-        ("group_size", 2),
-        ("max_new_tokens", 1),
-        ("generation_batch_size", 1),
-        ("num_minibatches", 1),
-        ("update_epochs", 1),
-        ("micro_batch_size", 1),
-        ("synthetic_max_number", 1),
-        ("policy_lag", 0),
-        ("eval_samples", 0),
-        ("eval_every", 0),
-    ):
-        require(vars(args)[flag] >= low, flag, f">= {low}")
-    for flag in ("learning_rate", "temperature", "max_grad_norm", "tv_delta", "clip_coef", "kl_coef", "kl_target"):
-        value, zero_ok = vars(args)[flag], flag in ("kl_coef", "kl_target")  # every float flag must be finite
-        require(
-            np.isfinite(value) and (value >= 0 if zero_ok else value > 0), flag, f"finite and {'>=' if zero_ok else '>'} 0"
-        )
-    require(args.synthetic_ops and set(args.synthetic_ops) <= set("+-*"), "synthetic_ops", "a subset of '+-*'")
-    require(
-        args.num_prompts * args.group_size % args.num_minibatches == 0,
-        "num_minibatches",
-        f"a divisor of the batch of --num-prompts x --group-size = {args.num_prompts * args.group_size}",
-    )
-    require(
-        args.dataset_path or args.dataset in ("openai/gsm8k", "synthetic"),
-        "dataset",
-        "openai/gsm8k or synthetic (or use --dataset-path FILE.jsonl)",
-    )
-    require(args.dataset_path is None or os.path.isfile(args.dataset_path), "dataset_path", "a file")
-    path = args.model_name_or_path
-    local = os.path.exists(path) or path.startswith(("/", ".", "~"))  # a local folder, not a hub id
-    require(
-        not local or os.path.isfile(os.path.join(path, "config.json")),
-        "model_name_or_path",
-        "a hub id or a model folder with a config.json",
-    )
+    given = {name.replace("_", "-"): value for name, value in vars(args).items()}  # flag -> its value
+    batch = args.num_prompts * args.group_size
+    counts = "total-steps num-prompts max-new-tokens generation-batch-size num-minibatches update-epochs micro-batch-size"
+    model_folder = os.path.exists(args.model_name_or_path) or args.model_name_or_path.startswith(("/", ".", "~"))
+    rules = [(f, np.isfinite(value), "a finite number") for f, value in given.items() if isinstance(value, float)]
+    rules += [(f, given[f] >= 1, ">= 1") for f in (counts + " synthetic-max-number").split()]
+    rules += [(f, given[f] > 0, "> 0") for f in "learning-rate temperature max-grad-norm tv-delta clip-coef".split()]
+    rules += [(f, given[f] >= 0, ">= 0") for f in "kl-coef kl-target policy-lag eval-samples eval-every".split()]
+    rules += [
+        ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
+        ("group-size", args.group_size >= 2, ">= 2: a completion's advantage divides by its group's standard deviation"),
+        # AdamW's first step is 10 x the learning rate, a float32 scalar; above ~3.4e37 it cannot be converted
+        ("learning-rate", args.learning_rate <= 3e37, "<= 3e37, so that AdamW's first step (10 x it) is a float32"),
+        (
+            "num-minibatches",
+            args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+            f"a divisor of --num-prompts x --group-size = {batch}",
+        ),
+        ("synthetic-ops", args.synthetic_ops and set(args.synthetic_ops) <= set("+-*"), "a subset of '+-*'"),
+        ("dataset", args.dataset_path or args.dataset in ("openai/gsm8k", "synthetic"), "openai/gsm8k or synthetic"),
+        ("dataset-path", args.dataset_path is None or os.path.isfile(args.dataset_path), "a file"),
+        (
+            "model-name-or-path",
+            not model_folder or os.path.isfile(os.path.join(args.model_name_or_path, "config.json")),
+            "a hub id or a model folder with a config.json",
+        ),
+        ("track", not args.track or importlib.util.find_spec("wandb"), "off without wandb"),
+    ]
+    for flag, valid, valid_range in rules:
+        if not valid:
+            raise SystemExit(f"error: --{flag} must be {valid_range} (got {given[flag]})")
 
 
 if __name__ == "__main__":
@@ -641,7 +642,8 @@ if __name__ == "__main__":
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos = model.generation_config.eos_token_id  # an id, a list of ids or None
-    eos_ids = torch.tensor(sorted({tokenizer.eos_token_id, *np.atleast_1d(eos).tolist()} - {None}), device=device)
+    end_ids = {tokenizer.eos_token_id, *np.atleast_1d(eos).tolist()} - {None}  # the tokenizer's and the model's
+    eos_ids = torch.tensor(sorted(end_ids), device=device)
     for module in model.modules():  # the ratio pi_theta / beta must compare the same deterministic function
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -664,31 +666,32 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
-    # generation: a thread with its own fp32 copy of the weights samples up to K batches ahead, through a bounded queue
-    data_rng = np.random.default_rng(args.seed)
-    sampler = torch.Generator(device).manual_seed(args.seed)  # own RNG streams: the two threads do not interleave
-    shuffler = torch.Generator().manual_seed(args.seed + 1)
+    # generation: a thread with its own fp32 copy of the weights samples up to K batches ahead, through a bounded queue;
+    # each thread has its own random streams, so that their interleaving does not change a seed's run
+    problem_rng = np.random.default_rng(args.seed)
+    sampling_rng = torch.Generator(device).manual_seed(args.seed)
+    shuffle_rng = torch.Generator().manual_seed(args.seed + 1)
     produce = partial(
-        make_batch, tokenizer=tokenizer, problems=train_problems, args=args, eos_ids=eos_ids, rng=data_rng, generator=sampler
+        make_batch,
+        tokenizer=tokenizer,
+        problems=train_problems,
+        args=args,
+        eos_ids=eos_ids,
+        problem_rng=problem_rng,
+        sampling_rng=sampling_rng,
     )
-    weight_queue, batch_queue, stop = queue.Queue(), queue.Queue(maxsize=max(1, args.policy_lag)), threading.Event()
-    generator = threading.Thread(
-        target=generator_thread,
-        daemon=True,
-        args=(
-            deepcopy(model).eval().requires_grad_(False),
-            weight_queue,
-            batch_queue,
-            stop,
-            produce,
-            args,
-            torch.get_num_threads(),
-        ),
-    )
+    weight_queue = queue.Queue()  # (version, weights) from the learner, None to stop
+    batch_queue = queue.Queue(maxsize=max(1, args.policy_lag))  # batches (or the generator's exception) to the learner
+    stop = threading.Event()
+    generator_model = deepcopy(model).eval().requires_grad_(False)
+    generator_args = (generator_model, weight_queue, batch_queue, stop, produce, args, torch.get_num_threads())
+    generator = threading.Thread(target=generator_thread, args=generator_args, daemon=True)
     generator.start()
 
     # start
-    step, start_time, stop_requested = 0, time.time(), False
+    step = 0
+    start_time = time.time()
+    stop_requested = False
 
     def request_stop(signum, frame):
         """Ctrl-C or SIGTERM: finish the current step, then save and close the logs; a second Ctrl-C aborts."""
@@ -701,7 +704,8 @@ if __name__ == "__main__":
         if args.eval_samples > 0:
             batch = rollout(model.eval(), tokenizer, eval_problems, args, eos_ids)
             model.train()
-            accuracy, format_rate = batch["reward"].mean().item(), batch["format"].mean().item()
+            accuracy = batch["reward"].mean().item()
+            format_rate = batch["format"].mean().item()
             writer.add_scalar("eval/accuracy", accuracy, step)
             writer.add_scalar("eval/format_rate", format_rate, step)
             print(f"eval at step {step}: greedy accuracy {accuracy:.3f} | format {format_rate:.3f}", flush=True)
@@ -720,35 +724,36 @@ if __name__ == "__main__":
             if isinstance(batch, BaseException):
                 raise batch
             train_start = time.time()
-            logged = update(model, optimizer, batch, args, kl_coef, shuffler)
+            logged = update(model, optimizer, batch, args, kl_coef, shuffle_rng)
+            diverged = [key for key, value in logged.items() if not np.isfinite(value)]
             finite = torch.stack([p.isfinite().all() for p in model.parameters()]).tolist()  # one host sync a step
-            diverged = [k for k, v in logged.items() if not np.isfinite(v)] + [
-                f"parameter {name}" for (name, _), ok in zip(model.named_parameters(), finite) if not ok
-            ]
+            names = [name for name, _ in model.named_parameters()]
+            diverged += [f"parameter {name}" for name, ok in zip(names, finite) if not ok]
             if diverged:  # before the weights reach the generator; the logs close, the model is not saved
                 raise SystemExit(
                     f"error: diverged at step {step}: {diverged[0]} is not finite; try a lower "
-                    f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm "
-                    f"({args.max_grad_norm:g})"
+                    f"--learning-rate ({args.learning_rate:g}) or --max-grad-norm ({args.max_grad_norm:g})"
                 )
             if step == 1:  # both threads held the same weights: pi_T / beta differs from 1 by rounding only
-                logged["align/numerical_floor"] = floor = 2 * logged["align/tv_behavior"]  # L1, the unit of delta
+                floor = 2 * logged["align/tv_behavior"]  # L1, the unit of delta
+                logged["align/numerical_floor"] = floor
                 print(
                     f"numerical floor of --dtype {args.dtype} at step 1: mean|pi_T/beta - 1| = {floor:.1e} (L1 = 2 x "
-                    f"align/tv_behavior) against --tv-delta {args.tv_delta:g} (L1)"
-                    + (
-                        "\nwarning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; use "
-                        "--dtype float32 or a larger --tv-delta"
-                        if floor > args.tv_delta / 10
-                        else ""
-                    ),
+                    f"align/tv_behavior) against --tv-delta {args.tv_delta:g} (L1)",
                     flush=True,
                 )
+                if floor > args.tv_delta / 10:
+                    print(
+                        "warning: the floor is over --tv-delta / 10 (L1): the filter would read rounding as lag; use "
+                        "--dtype float32 or a larger --tv-delta",
+                        flush=True,
+                    )
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version `step`
             if device.type == "cuda":  # the generator reads it on its own stream: finish the copy first
                 torch.cuda.current_stream().synchronize()
             weight_queue.put((step, snapshot))
-            train_s, step_s = time.time() - train_start, time.time() - step_start
+            train_s = time.time() - train_start
+            step_s = time.time() - step_start
             num_tokens = int(batch["valid"].sum())
 
             # log the iteration
