@@ -38,7 +38,7 @@ def test_observations_are_four_stacked_84x84_uint8_frames(env_id):
     # the v5 id's own 4-frame skip is replaced by ours (no 16-frame steps); its sticky actions are kept
     ale_env = env.unwrapped
     expected_sticky = 0.25 if env_id.startswith("ALE/") else 0.0
-    assert ale_env.ale.getFloat("repeat_action_probability") == pytest.approx(expected_sticky)
+    assert ale_env.ale.getFloat("repeat_action_probability") == expected_sticky  # exact: 0.25 and 0 are float32
     frame = ale_env.ale.getEpisodeFrameNumber()
     env.step(0)
     assert ale_env.ale.getEpisodeFrameNumber() - frame == 4
@@ -143,7 +143,7 @@ def test_episodic_return_is_the_unclipped_score_of_the_whole_game(monkeypatch):
         assert (terminated or truncated) == (i == len(sent) - 1), "the replayed game must end exactly there"
     bare.close()
     assert points > 0, "pick a seed whose game scores, or the comparison proves little"
-    assert info["episode"]["r"] == pytest.approx(score, abs=1e-9)
+    assert info["episode"]["r"] == score  # exact: sums of multiples of 0.5, far below 2**24
     assert info["episode"]["l"] == len(sent), "the length counts emulator frames, as CleanRL's does"
     assert set(clipped) == {-1.0, 0.0, 1.0}, "the agent is trained on the sign of the rewards"
 
@@ -191,6 +191,7 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["breakout", "pong"])
 def test_runs_write_every_documented_key(runs, name):
+    """Every documented key is logged, the returns are whole-game scores, and Breakout's saved model loads."""
     folder, output, scalars = runs[name]
     assert SPEC_KEYS | {"charts/kl_coef"} <= set(scalars), SPEC_KEYS - set(scalars)
     assert "step" in output and "SPS" in output
@@ -212,8 +213,8 @@ def test_runs_write_every_documented_key(runs, name):
 @pytest.mark.slow
 def test_breakout_critic_learns_in_ten_iterations(runs):
     """The return barely moves in 10k Breakout steps, but the critic does: the explained variance of the untrained
-    critic is ~0.02 over the first 3 iterations, and rises over the last 5 of 10 iterations of 1024 steps (to 0.31,
-    0.13 and 0.11 at seeds 1, 2 and 3, measured with the same settings). A critic that does not learn stays near 0."""
+    critic is near 0 over the first 3 iterations and rises over the last 5 of 10 (the studies page, "What one seed
+    tells you", has the values at seeds 1 to 3). A critic that does not learn stays near 0."""
     explained_variance = values(runs["breakout"][2], "losses/explained_variance")
     assert len(explained_variance) == 10
     assert explained_variance[:3].mean() < 0.1
@@ -224,7 +225,7 @@ def test_breakout_critic_learns_in_ten_iterations(runs):
 def test_ppo_kl_coefficient_follows_the_adaptive_rule(runs):
     scalars = runs["pong"][2]
     (first, second), kl = values(scalars, "charts/kl_coef"), values(scalars, "losses/approx_kl")[0]
-    assert first == pytest.approx(0.1)
+    assert first == pytest.approx(0.1)  # the log stores float32: 0.1 to 1.5e-8 relative
     assert second == pytest.approx(0.1 * (2 if kl > 0.015 else 0.5 if kl < 0.01 / 1.5 else 1))
     assert values(scalars, "losses/filtered_frac").max() == 0, "only the vaco loss filters samples"
 
@@ -232,8 +233,8 @@ def test_ppo_kl_coefficient_follows_the_adaptive_rule(runs):
 @pytest.mark.slow
 def test_learner_anchor_differs_from_the_default_once_there_is_lag(tmp_path):
     """--tv-anchor learner takes the ratio against pi_T and weights the advantages by min(rho_bar, pi_T / beta). The
-    first iteration has no lag yet (pi_T = beta up to rounding, ~1e-10); from the second the policy losses differ (by
-    1% to 175% at seed 1), where rounding alone would leave them equal to ~1e-6."""
+    first iteration has no lag yet, so the two anchors log the same policy loss up to rounding; from the second the
+    policy losses differ by far more than rounding."""
     args = ["--seed", 1, "--total-timesteps", 512, "--num-envs", 1, "--num-steps", 128, "--policy-lag", 2]
     for anchor in ("behavior", "learner"):
         (tmp_path / anchor).mkdir()
@@ -248,8 +249,11 @@ def test_learner_anchor_differs_from_the_default_once_there_is_lag(tmp_path):
         values(read_scalars(tmp_path / anchor / "runs"), "losses/policy_loss") for anchor in ("behavior", "learner")
     )
     assert len(default) == len(learner) == 4
-    assert learner[0] == pytest.approx(default[0], rel=1e-5)
-    assert (np.abs(learner[1:] - default[1:]) > 1e-3 * np.abs(default[1:])).all(), (default, learner)
+    # the loss is a mean of O(1) terms (normalized advantages times ratios near 1) that cancel to ~1e-4, so rounding
+    # is measured in units of those terms: float32 log-probs of a batch and of single steps, ~1e-7, carried through
+    # one iteration's updates stay far under 1e-6; a real difference must stand 10x above that
+    assert learner[0] == pytest.approx(default[0], rel=0, abs=1e-6)
+    assert (np.abs(learner[1:] - default[1:]) > 1e-5).all(), (default, learner)
 
 
 # ---------------------------------------------------------------------------------------------------------------

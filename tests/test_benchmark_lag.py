@@ -37,6 +37,8 @@ def benchmark(tmp_path, *args, env_ids=("CartPole-v1",)):
 
 @pytest.mark.slow  # real runs of the scripts, two at a time
 def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
+    """One run per method and variant with the flags they name, a summary of each that agrees with its event file, a
+    report; then a rerun and --report-only, which read the summaries alone and run nothing."""
     args = [
         "--methods",
         "vaco",
@@ -69,7 +71,7 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
         # the summary against the event file: final = mean return of the episodes in the last 10% of the steps
         returns = read_scalars(run_dir)["charts/episodic_return"]
         steps, values = np.array([s for s, _ in returns]), np.array([v for _, v in returns])
-        assert summary["final"] == pytest.approx(values[steps >= 0.9 * 2048].mean())
+        assert summary["final"] == pytest.approx(values[steps >= 0.9 * 2048].mean())  # the same mean: rounding only
         assert values.min() <= summary["auc"] <= values.max()
     report = (tmp_path / "results" / "CartPole-v1_sweep.md").read_text()
     for name in names:
@@ -131,6 +133,7 @@ def test_real_lag_summary_holds_the_lag_of_every_trained_rollout(tmp_path):
 
 
 def test_the_lag_must_fit_the_script(tmp_path):
+    """--lags async only with vaco_async_mp.py and integer lags only with the others, refused before any run."""
     wrong = benchmark(tmp_path, "--methods", "vaco", "--lags", "async")
     assert wrong.returncode != 0 and "integers" in wrong.stderr
     wrong = benchmark(tmp_path, "--methods", "vaco", "--lags", "0", "--script", str(ROOT / "vaco_async_mp.py"))
@@ -157,8 +160,8 @@ def test_auc_is_the_trapezoid_over_unevenly_spaced_episodes_divided_by_their_spa
         writer.add_scalar("charts/episodic_return", episodic_return, step)
     writer.close()
     summary = benchmark_lag.summarize(tmp_path / "run", total_steps=100)
-    assert summary["auc"] == pytest.approx(17.0, abs=1e-9)
-    assert summary["final"] == 40.0 and summary["episodes"] == 4 and summary["lag"] is None
+    assert summary["auc"] == pytest.approx(17.0, abs=1e-9)  # float64 sums of a few exact numbers: rounding ~1e-15
+    assert summary["final"] == 40.0 and summary["episodes"] == 4 and summary["lag"] is None  # exact: one episode
     assert benchmark_lag.summarize(tmp_path / "run", total_steps=200)["auc"] == pytest.approx(17.0, abs=1e-9)
 
 
@@ -197,6 +200,7 @@ def test_summaries_record_what_the_filter_did_and_the_table_shows_it(tmp_path):
     writer.add_scalar("charts/episodic_return", 1.0, 10)
     writer.close()
     gate = benchmark_lag.summarize(tmp_path / "run", total_steps=6144)["gate"]
+    # means of values the log stores as float32 (0.1 is 1.5e-8 off): approx's 1e-6 relative
     assert gate == pytest.approx({"closed": 0.5, "dropped": 0.1, "tv_behavior": 0.05, "tv": 0.2, "tv_delta": 0.3})
     old = dict(gate, closed=1.0)
     del old["tv_delta"]
@@ -213,6 +217,7 @@ def test_summaries_record_what_the_filter_did_and_the_table_shows_it(tmp_path):
 
 
 def test_only_variants_that_set_delta_alone_are_points_of_a_delta_sweep():
+    """delta_of parses the variant's number, so the comparisons are exact."""
     assert benchmark_lag.delta_of("default", 0.2) == 0.2
     assert benchmark_lag.delta_of("tv-delta=0.05", 0.2) == 0.05
     assert benchmark_lag.delta_of("tv-delta=0.4,rho-bar=2", 0.2) is None

@@ -43,6 +43,7 @@ def links(markdown):
 
 
 def test_github_anchor_rules():
+    """github_anchors, which the link check relies on, gives GitHub's anchors for a page worked out by hand."""
     page = "# A: b\n## `x.py`: the δ, ρ̄ (and more)\n## Twice\n## Twice\n```\n# not a heading\n```\n"
     assert github_anchors(page) == {"a-b", "xpy-the-δ-ρ̄-and-more", "twice", "twice-1"}
 

@@ -94,6 +94,7 @@ def test_vtrace_matches_reference_loops(compute_vtrace, rho_bar, c_bar, lam, see
     adv, ret = compute_vtrace(**b, gamma=gamma, gae_lambda=lam, rho_bar=rho_bar, c_bar=c_bar)
     ref_adv, ref_ret = reference_vtrace(*(b[k].tolist() for k in b), gamma, lam, rho_bar, c_bar)
     assert b["dones"].sum() > 0 and (b["log_rhos"].exp() > rho_bar).any() and (b["log_rhos"].exp() < c_bar).any()
+    # float64 on O(1) inputs, 9 steps: the two orders of operations agree to ~1e-15; a wrong term moves O(0.1)
     torch.testing.assert_close(adv, ref_adv, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ref_ret, rtol=1e-10, atol=1e-10)
 
@@ -103,6 +104,7 @@ def test_vtrace_without_lag_is_gae(compute_vtrace):
     b["log_rhos"] = torch.zeros_like(b["log_rhos"])
     adv, ret = compute_vtrace(**b, gamma=0.99, gae_lambda=0.95, rho_bar=1.0, c_bar=1.0)
     gae_adv, gae_ret = reference_gae(b["rewards"], b["values"], b["bootstrap_value"], b["dones"], 0.99, 0.95)
+    # float64 on O(1) inputs over 9 steps: rounding ~1e-15
     torch.testing.assert_close(adv, gae_adv, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ret, gae_ret, rtol=1e-12, atol=1e-12)
 
@@ -113,7 +115,7 @@ def test_vtrace_lambda_one_is_impala_advantage(compute_vtrace):
     adv, ret = compute_vtrace(**b, gamma=gamma, gae_lambda=1.0, rho_bar=1.0, c_bar=1.0)
     next_vs = torch.cat([ret[1:], b["bootstrap_value"][None]])  # v_{t+1}; past the last step v_T = V(s_T)
     impala = b["rewards"] + gamma * (1 - b["dones"]) * next_vs - b["values"]
-    torch.testing.assert_close(adv, impala, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adv, impala, rtol=1e-12, atol=1e-12)  # float64, O(1) values: rounding ~1e-15
 
 
 def test_vtrace_ignores_what_follows_a_done(compute_vtrace):
@@ -124,9 +126,10 @@ def test_vtrace_ignores_what_follows_a_done(compute_vtrace):
     b2["rewards"][2:] += 100.0
     b2["bootstrap_value"] += 100.0
     adv2, ret2 = compute_vtrace(**b2, gamma=0.99, gae_lambda=0.95, rho_bar=1.0, c_bar=1.0)
-    torch.testing.assert_close(adv[:2], adv2[:2])
-    torch.testing.assert_close(ret[:2], ret2[:2])
-    assert not torch.allclose(adv[2:], adv2[2:])
+    # exact by construction: the done multiplies everything after it by 0
+    torch.testing.assert_close(adv[:2], adv2[:2], rtol=0, atol=0)
+    torch.testing.assert_close(ret[:2], ret2[:2], rtol=0, atol=0)
+    assert not torch.allclose(adv[2:], adv2[2:])  # they differ by ~100
 
 
 def minibatch(n=64, seed=0, lag=0.3):
@@ -142,8 +145,9 @@ def test_vaco_keeps_every_sample_inside_the_trust_region(policy_loss):
     ratio = (new - behavior).exp()
     l1 = (ratio - 1).abs().mean().item()
     loss, stats = policy_loss("vaco", new, behavior, adv, tv_delta=l1 + 1e-3, clip_coef=0.2, kl_coef=0.1)
-    torch.testing.assert_close(loss, -(adv * ratio).mean())
-    assert stats == pytest.approx({"tv": 0.5 * l1, "filtered_frac": 0.0, "gate": 0.0})
+    # float64 means of 64 O(1) terms, the same operations: equal to ~1e-15 (absolute: the mean may be near 0)
+    torch.testing.assert_close(loss, -(adv * ratio).mean(), rtol=0, atol=1e-12)
+    assert stats == pytest.approx({"tv": 0.5 * l1, "filtered_frac": 0.0, "gate": 0.0}, rel=1e-12, abs=1e-12)
 
 
 def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region(policy_loss):
@@ -155,15 +159,17 @@ def test_vaco_drops_exactly_the_samples_that_push_away_outside_the_trust_region(
     kept = [not p for p in pushes_away]
     expected = -sum(a * r for a, r, k in zip(adv.tolist(), ratio.tolist(), kept) if k) / len(kept)
     assert 0 < sum(pushes_away) < len(kept)
-    assert loss.item() == pytest.approx(expected, rel=1e-12)
-    assert stats == pytest.approx({"tv": 0.5 * l1, "filtered_frac": sum(pushes_away) / len(kept), "gate": 1.0})
+    # float64 means of 64 O(1) terms: rounding ~1e-15, absolute as well as relative because a mean can be near 0
+    assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    fraction = sum(pushes_away) / len(kept)
+    assert stats == pytest.approx({"tv": 0.5 * l1, "filtered_frac": fraction, "gate": 1.0}, rel=1e-12, abs=1e-12)
 
     # the gradient is -mean(m * A * grad r), with grad_logp r = r: zero on the dropped samples
     loss.backward()
     expected_grad = torch.tensor(
         [-a * r * k / len(kept) for a, r, k in zip(adv.tolist(), ratio.tolist(), kept)], dtype=torch.float64
     )
-    torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)  # float64, entries ~1e-2: exact
 
 
 def test_vaco_gradient_step_never_increases_distance_of_kept_samples(policy_loss):
@@ -174,7 +180,7 @@ def test_vaco_gradient_step_never_increases_distance_of_kept_samples(policy_loss
     with torch.no_grad():
         before = ((new - behavior).exp() - 1).abs()
         after = ((new - 1e-3 * new.grad - behavior).exp() - 1).abs()
-    assert bool((after <= before + 1e-12).all())
+    assert bool((after <= before + 1e-12).all())  # 1e-12: float64 rounding of |r - 1| = O(0.1) where the step is ~0
 
 
 def test_ppo_matches_clipped_surrogate(policy_loss):
@@ -183,7 +189,7 @@ def test_ppo_matches_clipped_surrogate(policy_loss):
     terms = []
     for a, r in zip(adv.tolist(), (new - behavior).exp().tolist()):
         terms.append(max(-a * r, -a * min(max(r, 0.8), 1.2)))
-    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12, abs=1e-12)  # float64, O(1) terms
     assert stats["filtered_frac"] == 0.0
 
 
@@ -192,7 +198,7 @@ def test_spo_matches_its_penalized_objective(policy_loss):
     eps = 0.3
     loss, _ = policy_loss("spo", new, behavior, adv, tv_delta=0.2, clip_coef=eps, kl_coef=0.1)
     terms = [a * r - abs(a) / (2 * eps) * (r - 1) ** 2 for a, r in zip(adv.tolist(), (new - behavior).exp().tolist())]
-    assert loss.item() == pytest.approx(-sum(terms) / len(terms), rel=1e-12)
+    assert loss.item() == pytest.approx(-sum(terms) / len(terms), rel=1e-12, abs=1e-12)  # float64, O(1) terms
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.1, 1.0])
@@ -202,11 +208,11 @@ def test_ppo_kl_matches_its_penalized_objective_and_gradient(policy_loss, kl_coe
     ratios, n = (new - behavior).exp().tolist(), len(adv)
     # the penalty is the sample estimate of KL(beta || pi_theta): r - 1 - log r, with log r = new - behavior
     terms = [-a * r + kl_coef * (r - 1 - math.log(r)) for a, r in zip(adv.tolist(), ratios)]
-    assert loss.item() == pytest.approx(sum(terms) / n, rel=1e-12)
+    assert loss.item() == pytest.approx(sum(terms) / n, rel=1e-12, abs=1e-12)  # float64, O(1) terms
     assert stats["filtered_frac"] == 0.0
     loss.backward()  # d/dlogp of -A r + c (r - 1 - log r) = -A r + c (r - 1)
     expected_grad = torch.tensor([(-a * r + kl_coef * (r - 1)) / n for a, r in zip(adv.tolist(), ratios)], dtype=torch.float64)
-    torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(new.grad, expected_grad, rtol=1e-12, atol=1e-15)  # float64, entries ~1e-2
 
 
 @pytest.mark.parametrize("script", ALL_SCRIPTS)
@@ -224,7 +230,7 @@ def test_ppo_kl_matches_its_penalized_objective_and_gradient(policy_loss, kl_coe
 )
 def test_adaptive_kl_coef_doubles_above_one_and_a_half_targets_and_halves_below_two_thirds(script, kl, target, expected):
     adapt_kl_coef = importlib.import_module(script).adapt_kl_coef
-    assert adapt_kl_coef(0.1, kl, target) == pytest.approx(expected)
+    assert adapt_kl_coef(0.1, kl, target) == expected  # exact: doubling and halving only change a float's exponent
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_A_CRITIC)
@@ -240,6 +246,7 @@ def test_adaptive_kl_coef_doubles_above_one_and_a_half_targets_and_halves_below_
 )
 def test_forward_tv_delta_adds_the_batch_lag_to_delta_and_fixed_keeps_delta(script, rhos, rule, expected):
     adapt_tv_delta = importlib.import_module(script).adapt_tv_delta
+    # the rhos are float32: their mean |rho - 1| is rounded to ~6e-8 relative
     assert adapt_tv_delta(0.2, torch.tensor(rhos), rule) == pytest.approx(expected, rel=1e-6)
 
 
@@ -264,7 +271,8 @@ def test_impala_gradient_is_the_truncated_importance_weighted_score_function(pol
         for j in range(k):
             score = (1.0 if j == actions[i] else 0.0) - probs[i][j]
             expected[i][j] = -min(rho_bar, ratios[i]) * adv[i].item() * score / n
-    torch.testing.assert_close(logits.grad, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    expected_grad = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-12, atol=1e-15)  # float64, entries ~1e-2
     assert stats["filtered_frac"] == 0.0
 
 
@@ -278,11 +286,11 @@ def test_all_losses_equal_the_policy_gradient_on_policy(policy_loss):
         loss, stats = policy_loss(kind, x, behavior, adv, tv_delta=0.2, clip_coef=0.2, kl_coef=0.1)
         loss.backward()
         expected_loss = 0.0 if kind == "impala" else -adv.mean().item()
-        assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+        assert loss.item() == pytest.approx(expected_loss, abs=1e-12)  # float64 mean of O(1) terms, near 0
         assert stats["tv"] == 0.0 and stats["gate"] == 0.0
         grads.append(x.grad)
-    for grad in grads[1:]:
-        torch.testing.assert_close(grads[0], grad)
+    for grad in grads[1:]:  # float64, entries ~1e-2 (r = 1 exactly): equal to rounding
+        torch.testing.assert_close(grads[0], grad, rtol=1e-12, atol=1e-15)
 
 
 def test_unknown_policy_loss_is_refused(policy_loss):
@@ -318,6 +326,8 @@ FIRST_STEP = [
     "dones",
     "values",
     "next_obs",
+    "b_learner_logprobs",
+    "b_learner_values",
     "b_advantages",
     "b_returns",
     "tv_delta",
@@ -383,9 +393,16 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
             _, beta_logprobs, _, beta_values = beta.get_action_and_value(b_obs, b_actions)
             _, lp_T, _, v_T = pi_T.get_action_and_value(b_obs, b_actions)
             v_T_next, beta_next = pi_T.get_value(first["next_obs"]), beta.get_value(first["next_obs"])
-        # beta's log-probs and values are those recorded at rollout time
+        # beta's log-probs and values are those recorded at rollout time, pi_T's those ALIGN computed. Recomputed here
+        # in one batch, they round differently from the rollout's one-step passes (and on some CPUs from a pass of the
+        # same shape): float32 forward passes give O(1) log-probs and values to ~1e-7 relative, checked to 1e-5
         torch.testing.assert_close(first["logprobs"].flatten(), beta_logprobs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(first["values"].flatten(), beta_values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first["b_learner_logprobs"], lp_T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first["b_learner_values"], v_T, atol=1e-5, rtol=1e-5)
+        # ALIGN and FILTER are then recomputed from the loop's own log-probs and values, so that what separates the
+        # two is the order of the float32 operations of each formula, not the rounding of a forward pass
+        beta_logprobs, lp_T, v_T = first["logprobs"].flatten(), first["b_learner_logprobs"], first["b_learner_values"]
         if iteration > lag:
             assert (lp_T - beta_logprobs).abs().max() > 1e-3, "with lag, pi_T differs from beta"
         # the truncation bootstrap: r + gamma V_beta(final obs) on a time limit, r alone on a real terminal
@@ -397,6 +414,7 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
                     expected[i] += gamma * beta.get_value(torch.as_tensor(final_obs[i][None], dtype=torch.float32))[0]
             terminal_kinds |= {"terminated"} if terminated.any() else set()
             terminal_kinds |= {"truncated"} if (truncated & ~terminated).any() else set()
+            # V_beta(final obs) recomputed for one observation: float32 rounding of an O(1) value, ~1e-7
             torch.testing.assert_close(first["rewards"][t], expected, atol=1e-5, rtol=1e-6)
             assert first["dones"][t].tolist() == (terminated | truncated).astype(float).tolist()
         # ALIGN: V-trace with pi_T and its critic, once per batch (or GAE over beta's values with --no-realign)
@@ -415,6 +433,7 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
                 1.0,
                 1.0,
             )
+        # the loop's float32 recursion against float64: ~6e-8 relative per step over T steps, on values up to ~10
         torch.testing.assert_close(first["b_advantages"].double(), adv.flatten(), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(first["b_returns"].double(), ret.flatten(), atol=1e-4, rtol=1e-4)
         learner_logprobs[iteration] = (lp_T, beta_logprobs)
@@ -422,7 +441,7 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
         lag_l1 = ((lp_T - beta_logprobs).exp() - 1).abs().mean().item()
         forward = "forward" in flags and "--tv-anchor" not in flags
         bounds[iteration] = tv_delta + lag_l1 if forward else tv_delta
-        assert first["tv_delta"] == pytest.approx(bounds[iteration], rel=1e-5)
+        assert first["tv_delta"] == pytest.approx(bounds[iteration], rel=1e-5)  # a float32 mean of O(1) terms
         assert not forward or iteration <= lag or bounds[iteration] > tv_delta + 1e-3, "the lag should widen it"
     assert terminal_kinds == {"terminated", "truncated"}, "the run should see both kinds of episode end"
 
@@ -438,9 +457,10 @@ def test_the_training_loop_collects_with_lagged_parameters_aligns_and_filters_as
             anchor = lp_T[mb]
             advantages = advantages * torch.clamp((lp_T - beta_logprobs)[mb].exp(), max=1.0)  # rho_bar = 1
         loss, gate = vaco_loss(update["newlogprob"], anchor, advantages, bounds[update["iteration"]])
-        assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
+        # float32 means of O(1) terms (normalized advantages times ratios near 1): ~10 roundings of such a term
+        assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-6)
         assert update["pg_stats"]["gate"] == gate
         gates.append(gate)
         value_loss = 0.5 * ((update["newvalue"] - first["b_returns"][mb]) ** 2).mean()
-        assert update["v_loss"].item() == pytest.approx(value_loss.item(), rel=1e-5)
+        assert update["v_loss"].item() == pytest.approx(value_loss.item(), rel=1e-5)  # a float32 mean of squares
     assert set(gates) == {0.0, 1.0}, "both sides of the gate should be exercised"
