@@ -6,9 +6,11 @@
 # that would push the policy further from the generator's. Weights and optimizer state are fp32; --dtype is the
 # compute precision.
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
+import platform
 import queue
 import random
 import re
@@ -58,9 +60,12 @@ from torch.utils.tensorboard import SummaryWriter
 # Micro-batching and memory (minibatch_policy_gradient, head_logprobs). The gate needs pi_theta on the whole minibatch
 # first, so a no-grad pass computes the token log-probs and the loss's gradient with respect to them, then each
 # micro-batch backpropagates its share: the exact minibatch gradient in bounded memory (tested against the direct
-# one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 512 tokens at a time: the
+# one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 128 tokens at a time: the
 # vocabulary-wide logits exist, in fp32, for one chunk at a time, and with gradients each chunk is recomputed in the
-# backward pass instead of kept, so the vocabulary's cost does not grow with the micro-batch.
+# backward pass instead of kept, so the vocabulary's cost does not grow with the micro-batch. With
+# --gradient-checkpointing (the default) the decoder layers' activations are recomputed in the backward pass too,
+# and only each layer's input is kept. Gradients are freed after each optimizer step and each weight snapshot once
+# the generator has loaded it; on glibc, tensors of 1 MB or more are returned to the system when freed (main).
 #
 # Reward (reward_fn): 1 if the answer (the last \boxed{...}, nested braces allowed, else the last number) equals the
 # gold number after #### numerically (18.00 = 18, 1,000 = 1000). charts/format_rate is logged apart: since the reward
@@ -108,8 +113,9 @@ class Args:
     (faster on big models, but its lag-0 floor, L1 mean|pi_T/beta - 1|, is over half the default --tv-delta)"""
     compile_decode: bool = False
     """on CUDA in float32: compile sampling's one-token decode step (CUDA graphs); opt-in until it has run on a GPU"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the learner's backward pass"""
+    gradient_checkpointing: bool = True
+    """recompute each layer's activations in the learner's backward pass instead of keeping them: far less memory
+    for one more forward pass (--no-gradient-checkpointing keeps them)"""
     dataset: str = "openai/gsm8k"
     """`openai/gsm8k` (config `main`: train split for RL, test split for evaluation) or `synthetic` (offline)"""
     dataset_path: str | None = None
@@ -356,7 +362,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     return tokens, logprobs, valid
 
 
-LOGIT_CHUNK = 512  # tokens whose vocabulary-wide logits exist at once in the learner
+LOGIT_CHUNK = 128  # tokens whose vocabulary-wide logits exist at once in the learner
 
 
 def compute_precision(device, dtype):
@@ -443,15 +449,11 @@ def trim(prompt_ids, prompt_mask, completions, valid):
 
 
 def minibatch_policy_gradient(model, micro_batches, behavior_logprob, advantages, args, kl_coef):
-    """Accumulate into the model's .grad the gradient of policy_loss on one minibatch, in bounded memory.
-
-    The gate and the mask need pi_theta on the whole minibatch before any backward pass, so a no-grad pass
-    computes the token log-probs, policy_loss and its gradient with respect to them; each micro-batch then
-    backpropagates its share of that gradient through the model: the exact gradient of the minibatch loss.
-    micro_batches holds (prompt_ids, prompt_mask, completions, valid); behavior_logprob and advantages are 1-D
-    over the valid tokens, in micro-batch then row-major order. Returns (pg_loss, stats, log pi_theta, entropy),
-    the last two on the valid tokens before this update.
-    """
+    """Accumulate into the model's .grad the exact gradient of policy_loss on one minibatch, in bounded memory: the
+    gate needs pi_theta on the whole minibatch first, so a no-grad pass computes the token log-probs and the loss's
+    gradient with respect to them, then each micro-batch backpropagates its share. micro_batches holds (prompt_ids,
+    prompt_mask, completions, valid); behavior_logprob and advantages are 1-D over the valid tokens, in micro-batch
+    then row-major order. Returns (pg_loss, stats, log pi_theta, entropy), the last two before this update."""
     with torch.no_grad(), compute_precision(model.device, args.dtype):
         parts = [completion_logprobs(model, *micro_batch, args.temperature) for micro_batch in micro_batches]
     newlogprob, entropy = (torch.cat(part) for part in zip(*parts))
@@ -492,12 +494,12 @@ def update(model, optimizer, batch, args, kl_coef, shuffle_rng):
             mb_logprobs = b_logprobs[mb_inds][mb_valid]
             mb_advantages = b_advantages[mb_inds][mb_valid]
 
-            optimizer.zero_grad()
             pg_loss, pg_stats, newlogprob, entropy = minibatch_policy_gradient(
                 model, micro_batches, mb_logprobs, mb_advantages, args, kl_coef
             )
             nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
+            optimizer.zero_grad()  # frees the gradients until the next minibatch's backward pass
 
             logratio = newlogprob - mb_logprobs  # http://joschu.net/blog/kl-approx.html, against the behavior policy
             minibatch_stats.append(
@@ -571,6 +573,7 @@ def generator_thread(model, weight_queue, batch_queue, stop, produce, args, num_
                     model.load_state_dict(weights)
                     if stream is not None:  # finish copying before the snapshot is released
                         stream.synchronize()
+                    del item, weights  # the snapshot's memory goes back now, not at the next version
                 if stop.is_set():
                     return
                 batch_queue.put(produce(model, version))
@@ -593,11 +596,8 @@ def check_args(args):
         ("group-size", args.group_size >= 2, ">= 2: a completion's advantage divides by its group's standard deviation"),
         # AdamW's first step is 10 x the learning rate, a float32 scalar; above ~3.4e37 it cannot be converted
         ("learning-rate", args.learning_rate <= 3e37, "<= 3e37, so that AdamW's first step (10 x it) is a float32"),
-        (
-            "num-minibatches",
-            args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-            f"a divisor of --num-prompts x --group-size = {batch}",
-        ),
+        # max(1, ...): a count under 1 is refused by the rule above, which comes first
+        ("num-minibatches", batch % max(1, args.num_minibatches) == 0, f"a divisor of --num-prompts x --group-size = {batch}"),
         ("synthetic-ops", args.synthetic_ops and set(args.synthetic_ops) <= set("+-*"), "a subset of '+-*'"),
         ("dataset", args.dataset_path or args.dataset in ("openai/gsm8k", "synthetic"), "openai/gsm8k or synthetic"),
         ("dataset-path", args.dataset_path is None or os.path.isfile(args.dataset_path), "a file"),
@@ -620,6 +620,12 @@ if __name__ == "__main__":
     check_args(args)
     train_problems, eval_problems = load_problems(args)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # after the checks: bad input fails fast
+
+    if platform.libc_ver()[0] == "glibc":
+        # glibc serves blocks under an adaptive threshold (up to 32 MB: most tensors here) from its heap and keeps their
+        # pages once freed, so the process would hold the peaks of sampling and of the learner at once. A fixed 1 MB
+        # threshold gives each larger tensor pages of its own, returned to the system when it is freed.
+        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # -3: M_MMAP_THRESHOLD
 
     data_name = os.path.basename(args.dataset_path) if args.dataset_path else args.dataset.split("/")[-1]
     run_name = f"{data_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -648,7 +654,7 @@ if __name__ == "__main__":
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()  # non-reentrant torch.utils.checkpoint around each decoder layer
     model.train()
 
     if args.track:
@@ -752,6 +758,7 @@ if __name__ == "__main__":
             if device.type == "cuda":  # the generator reads it on its own stream: finish the copy first
                 torch.cuda.current_stream().synchronize()
             weight_queue.put((step, snapshot))
+            del snapshot  # the queue holds the only reference: the generator frees it once loaded
             train_s = time.time() - train_start
             step_s = time.time() - step_start
             num_tokens = int(batch["valid"].sum())

@@ -211,9 +211,11 @@ def test_sampled_logprobs_match_the_learner_forward(tiny_model, temperature):
         assert len(ends) == 0 and n == completions.shape[1] or ends.flatten().tolist() == [n - 1]
 
 
-def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, monkeypatch, checkpointing):
     """minibatch_policy_gradient with micro-batches of 2 and the logits in chunks of 7 tokens (recomputed in the
-    backward pass) gives the log-probs, entropies and gradient of policy_loss on full-vocabulary log-softmaxes."""
+    backward pass), with the decoder layers' activations recomputed too (--gradient-checkpointing, the default) or
+    kept, gives the log-probs, entropies and gradient of policy_loss on full-vocabulary log-softmaxes in one pass."""
     monkeypatch.setattr(llm, "LOGIT_CHUNK", 7)
     model, tokenizer = load(tiny_model)
     prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, [q["question"] for q in llm.make_synthetic_problems(6, 2)], "cpu")
@@ -237,6 +239,8 @@ def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, m
     direct.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
+    if checkpointing:
+        model.train().activation_checkpointing_enable()  # as the learner runs: in training mode
     micro = [llm.trim(prompt_ids[i], prompt_mask[i], completions[i], valid[i]) for i in torch.arange(6).split(2)]
     args = llm.Args(policy_loss="vaco", tv_delta=0.2)
     loss, stats2, newlogprob, entropy = llm.minibatch_policy_gradient(
@@ -248,6 +252,43 @@ def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, m
     assert torch.allclose(entropy, direct_entropy.detach(), atol=1e-5)
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-4), name
+
+
+def saved_bytes(function, *inputs):
+    """The bytes of the tensors autograd keeps for the backward pass while `function(*inputs)` runs."""
+    sizes = []
+
+    def keep(tensor):
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        function(*inputs)
+    return sum(sizes)
+
+
+def test_gradient_checkpointing_keeps_a_fraction_of_the_activations(tiny_model):
+    """With activation checkpointing (the learner's default) the forward pass with gradients keeps under a quarter
+    of the bytes it keeps without: each layer's activations are recomputed in the backward pass instead of kept."""
+    model, tokenizer = load(tiny_model)
+    prompt_ids, prompt_mask = llm.encode_prompts(tokenizer, [q["question"] for q in llm.make_synthetic_problems(6, 2)], "cpu")
+    completions = torch.randint(3, 300, (6, 24), generator=torch.Generator().manual_seed(0))
+    inputs = (model.train(), prompt_ids, prompt_mask, completions, torch.ones_like(completions, dtype=torch.bool), 1.0)
+    kept = saved_bytes(llm.completion_logprobs, *inputs)
+    model.activation_checkpointing_enable()
+    recomputed = saved_bytes(llm.completion_logprobs, *inputs)
+    assert recomputed < kept / 4, (recomputed, kept)
+    assert llm.Args().gradient_checkpointing  # on by default
+
+
+@pytest.mark.parametrize("flags, checkpointing", [([], True), (["--no-gradient-checkpointing"], False)])
+def test_learner_recomputes_activations_unless_told_not_to(tiny_model, tmp_path, monkeypatch, flags, checkpointing):
+    """The script turns activation checkpointing on for the learner by default; --no-gradient-checkpointing keeps
+    every activation (more memory, one forward pass less)."""
+    run_flags = tiny_run_flags(tiny_model, "--total-steps", "1", "--eval-samples", "0", *flags)
+    error, scope = run_in_process(tmp_path, monkeypatch, *run_flags)
+    assert error is None, error
+    assert scope["model"].is_activation_checkpointing == checkpointing
 
 
 def test_group_advantages_are_the_standardized_rewards_of_each_prompt_on_its_valid_tokens(tiny_model, monkeypatch):
