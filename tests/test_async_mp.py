@@ -433,8 +433,9 @@ def test_the_learner_measures_the_lag_normalizes_aligns_and_filters_as_the_spec_
                 weights = log_ratio.exp().clamp(max=args.rho_bar)
                 truncated.append((log_ratio.exp() > args.rho_bar).any().item())
                 loss = -(weights * advantages.double() * log_ratio).mean().item()
-            # float32 losses of normalized advantages, O(1): rounding is ~1e-7 of the largest term
-            assert update["pg_loss"].item() == pytest.approx(loss, rel=1e-5, abs=1e-7)
+            # a float32 mean of 64 terms of O(1) (normalized advantages times ratios near 1): its rounding is a few
+            # 1e-7 whatever the mean's own size, so the tolerance is absolute, in units of the terms
+            assert update["pg_loss"].item() == pytest.approx(loss, abs=1e-6)
     if args.policy_loss == "vaco":
         assert set(gates) == {0.0, 1.0}  # the gate both opened and closed
     else:

@@ -246,7 +246,9 @@ def test_chunked_micro_batched_gradient_equals_the_direct_gradient(tiny_model, m
     loss, stats2, newlogprob, entropy = llm.minibatch_policy_gradient(
         model, micro, behavior[valid], advantages[valid], args, 0.0
     )
-    assert valid.sum() > 3 * 7 and loss.item() == pytest.approx(direct.item(), rel=1e-5)
+    # the loss is a mean of A * r terms (r near 1) that may sum to near 0: the tolerance is in units of the terms
+    term_scale = advantages[valid].abs().mean().item()
+    assert valid.sum() > 3 * 7 and loss.item() == pytest.approx(direct.item(), abs=1e-5 * term_scale)
     assert stats2 == pytest.approx(stats)
     assert torch.allclose(newlogprob, direct_lp.detach(), atol=1e-5)
     assert torch.allclose(entropy, direct_entropy.detach(), atol=1e-5)
