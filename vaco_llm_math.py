@@ -60,7 +60,7 @@ from torch.utils.tensorboard import SummaryWriter
 # Micro-batching and memory (minibatch_policy_gradient, head_logprobs). The gate needs pi_theta on the whole minibatch
 # first, so a no-grad pass computes the token log-probs and the loss's gradient with respect to them, then each
 # micro-batch backpropagates its share: the exact minibatch gradient in bounded memory (tested against the direct
-# one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 128 tokens at a time: the
+# one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 512 tokens at a time: the
 # vocabulary-wide logits exist, in fp32, for one chunk at a time, and with gradients each chunk is recomputed in the
 # backward pass instead of kept, so the vocabulary's cost does not grow with the micro-batch. With
 # --gradient-checkpointing (the default) the decoder layers' activations are recomputed in the backward pass too,
@@ -362,7 +362,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     return tokens, logprobs, valid
 
 
-LOGIT_CHUNK = 128  # tokens whose vocabulary-wide logits exist at once in the learner
+LOGIT_CHUNK = 512  # tokens whose vocabulary-wide logits exist at once in the learner
 
 
 def compute_precision(device, dtype):
