@@ -60,12 +60,13 @@ from torch.utils.tensorboard import SummaryWriter
 # Micro-batching and memory (minibatch_policy_gradient, head_logprobs). The gate needs pi_theta on the whole minibatch
 # first, so a no-grad pass computes the token log-probs and the loss's gradient with respect to them, then each
 # micro-batch backpropagates its share: the exact minibatch gradient in bounded memory (tested against the direct
-# one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 512 tokens at a time: the
+# one). The log-probs and entropies come from the last hidden states LOGIT_CHUNK = 128 tokens at a time: the
 # vocabulary-wide logits exist, in fp32, for one chunk at a time, and with gradients each chunk is recomputed in the
 # backward pass instead of kept, so the vocabulary's cost does not grow with the micro-batch. With
 # --gradient-checkpointing (the default) the decoder layers' activations are recomputed in the backward pass too,
 # and only each layer's input is kept. Gradients are freed after each optimizer step and each weight snapshot once
-# the generator has loaded it; on glibc, tensors of 1 MB or more are returned to the system when freed (main).
+# the generator has loaded it (none is made that it would not load); on glibc, tensors of 1 MB or more are returned
+# to the system when freed (main).
 #
 # Reward (reward_fn): 1 if the answer (the last \boxed{...}, nested braces allowed, else the last number) equals the
 # gold number after #### numerically (18.00 = 18, 1,000 = 1000). charts/format_rate is logged apart: since the reward
@@ -362,7 +363,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     return tokens, logprobs, valid
 
 
-LOGIT_CHUNK = 512  # tokens whose vocabulary-wide logits exist at once in the learner
+LOGIT_CHUNK = 128  # tokens whose vocabulary-wide logits exist at once in the learner
 
 
 def compute_precision(device, dtype):
@@ -754,11 +755,12 @@ if __name__ == "__main__":
                         "--dtype float32 or a larger --tv-delta",
                         flush=True,
                     )
-            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version `step`
-            if device.type == "cuda":  # the generator reads it on its own stream: finish the copy first
-                torch.cuda.current_stream().synchronize()
-            weight_queue.put((step, snapshot))
-            del snapshot  # the queue holds the only reference: the generator frees it once loaded
+            if step < args.total_steps - args.policy_lag:  # the generator loads no later version: keep none unread
+                snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}  # version `step`
+                if device.type == "cuda":  # the generator reads it on its own stream: finish the copy first
+                    torch.cuda.current_stream().synchronize()
+                weight_queue.put((step, snapshot))
+                del snapshot  # the queue holds the only reference: the generator frees it once loaded
             train_s = time.time() - train_start
             step_s = time.time() - step_start
             num_tokens = int(batch["valid"].sum())

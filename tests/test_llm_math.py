@@ -778,7 +778,9 @@ def test_rl_raises_reward_on_easy_synthetic_problems(run, tmp_path):
     """The easiest synthetic setting (1 + 1, names and items varying): after a format-only warm-up the model guesses
     a digit (~10% right); VACO with lag 1 has to find the answer from the reward alone. (Problems whose answer
     depends on the question, e.g. --synthetic-ops +-*, were not learnt reliably by this tiny model within a CPU
-    minute, so this test does not claim that.)"""
+    minute, so this test does not claim that.) The learning rate is 5e-4: at 1e-3 the policy of seed 1 collapsed at
+    the last step (reward 1.00 -> 0.10) once the logits' chunk size changed, i.e. from rounding alone; at 5e-4 seeds
+    1-3 reached a greedy accuracy of 1.00 with 128- and 512-token chunks alike."""
     torch.set_num_threads(1)
     model_dir = build_tiny_model(tmp_path / "model", hidden=64)
     warm_up_format(model_dir, digits=tuple(range(10)))
@@ -801,7 +803,7 @@ def test_rl_raises_reward_on_easy_synthetic_problems(run, tmp_path):
         "--max-new-tokens",
         "8",
         "--learning-rate",
-        "1e-3",
+        "5e-4",
         "--update-epochs",
         "2",
         "--num-minibatches",
