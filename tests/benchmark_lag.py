@@ -13,8 +13,8 @@ Real asynchronous lag: `--script vaco_async_mp.py --lags async` (the lag is meas
 number of actors, e.g. '--num-actors 4').
 
 Each finished run leaves a small summary, `{--summaries}/{run}.json` (committed under tests/results/summaries, so a
-study resumes from what is committed, on any machine); a run with a summary is not run again, and the tables are made
-from the summaries. --report-only runs nothing: it makes the tables of a grid from the summaries there are and lists
+study resumes from what is committed, on any machine); a run with a summary is not run again, one without (stopped
+before the end) runs again in an emptied folder, and the tables are made from the summaries. --report-only runs nothing: it makes the tables of a grid from the summaries there are and lists
 the runs still missing. Event files and stdout go to --out (one folder per run, named after the env, method, variant
 flags, lag and seed). Per run the summary records:
   final     mean episodic return over the last 10% of the steps
@@ -58,6 +58,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -247,7 +248,8 @@ def run_one(job, out, summaries, script, total_steps_of, report_only=False):
     if report_only:
         return tag, None
     run_dir = out / tag
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run folder without a summary is a run cut short: start afresh
+    run_dir.mkdir(parents=True)
     lag_flags = [] if lag == "async" else ["--policy-lag", str(lag)]
     env_flags = [] if is_llm(script) else ["--env-id", env_id]  # the LLM's env_id names its data (llm_data_name)
     cmd = [

@@ -101,6 +101,20 @@ def test_runs_each_method_and_variant_once_and_reports_them(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_cut_short_runs_again_from_a_clean_folder(tmp_path):
+    """A run stopped before its summary (Ctrl-C, a killed session) leaves an event file in its folder; resuming runs
+    it again in an emptied folder, so that its summary reads its own event file and not the stale one beside it."""
+    args = ["--methods", "vaco", "--lags", "0", "--extra", "--total-timesteps 512 --num-steps 128"]
+    first = benchmark(tmp_path, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    summary_file = tmp_path / "summaries" / "total-timesteps=512,num-steps=128" / "CartPole-v1__vaco__lag0__s1.json"
+    summary_file.unlink()  # as if the run had been stopped after its first event file, before its summary
+    again = benchmark(tmp_path, *args)
+    assert again.returncode == 0 and "done CartPole-v1__vaco__lag0__s1" in again.stdout, again.stdout + again.stderr
+    assert len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 1
+    assert summary_file.exists()
+
+
 @pytest.mark.slow
 def test_real_lag_summary_holds_the_lag_of_every_trained_rollout(tmp_path):
     """vaco_async_mp.py, named as the studies' commands name it (relative to the repository's root, while each run
