@@ -14,9 +14,10 @@ number of actors, e.g. '--num-actors 4').
 
 Each finished run leaves a small summary, `{--summaries}/{run}.json` (committed under tests/results/summaries, so a
 study resumes from what is committed, on any machine); a run with a summary is not run again, one without (stopped
-before the end) runs again in an emptied folder, and the tables are made from the summaries. --report-only runs nothing: it makes the tables of a grid from the summaries there are and lists
-the runs still missing. Event files and stdout go to --out (one folder per run, named after the env, method, variant
-flags, lag and seed). Per run the summary records:
+before the end) runs again in an emptied folder, and the tables are made from the summaries. --report-only runs
+nothing: it makes the tables of a grid from the summaries there are and lists the runs still missing. Event files and
+stdout go to --out (one folder per run, named after the env, method, variant flags, lag and seed). Per run the summary
+records:
   final     mean episodic return over the last 10% of the steps
   auc       area under the return curve divided by the steps it spans (trapezoid over the logged episodes), i.e. the
             average return during training: it tells apart runs that all end at CartPole's cap of 500
