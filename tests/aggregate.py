@@ -16,7 +16,9 @@ tasks. Each comes with a 95% stratified bootstrap confidence interval (rliable: 
 the percentile interval of REPS resamples from the fixed seed BOOTSTRAP_SEED).
 
 Which runs count: a (task, method, setting) cell with fewer than 2 seeds is left out, and so is a task whose
-normalization (`ppo-noalign` at lag 0) has fewer than 2 seeds. The stratified bootstrap needs the same number of runs
+normalization (`ppo-noalign` at lag 0) has fewer than 2 seeds; within a setting, a task is left out of every method's
+aggregate unless every method with runs there has it, so that a column compares the same tasks. The stratified
+bootstrap needs the same number of runs
 on every task of an aggregate, so a method's aggregate takes as many seeds of each task as its task with the fewest
 has, the lowest-numbered ones; the tables say how many seeds each task has and how many were used. Nothing is run: the
 numbers are read from tests/results/summaries (tests/test_readme.py regenerates the tables and compares them with the
@@ -145,10 +147,13 @@ def report(summaries=SUMMARIES):
     aggregate, improvement = {}, {}
     for setting in SETTINGS:
         for key, _ in SCORES:
+            # the tasks that every method with runs in this setting has: the rows of a column then compare the same tasks
+            with_runs = [tasks for tasks in (runs(summaries, setting, method, key)[1] for method in METHODS) if tasks]
+            shared = [task for task in setting[3] if all(task in tasks for tasks in with_runs)]
             for method in METHODS:
-                scores, _, counts, used = runs(summaries, setting, method, key)
+                scores, tasks, counts, used = runs(summaries, setting, method, key, shared)
                 point = interval(scores, aggregates) if scores is not None else None
-                aggregate[setting[0], method, key] = (point, seeds_text(counts, used))
+                aggregate[setting[0], method, key] = (point, seeds_text(counts, used, tasks))
             for baseline in METHODS[1:]:
                 tasks = runs(summaries, setting, baseline, key)[1]
                 vaco, tasks, _, vaco_used = runs(summaries, setting, "vaco", key, tasks)
@@ -159,9 +164,11 @@ def report(summaries=SUMMARIES):
     return aggregate, improvement
 
 
-def seeds_text(counts, used):
-    """Seeds per task (in TASKS order, `/` between them), then how many of each were used."""
-    return "/".join(str(n) for n in counts.values()) + (f" → {used}" if used else " → –")
+def seeds_text(counts, used, tasks):
+    """Seeds per task (in TASKS order, `/` between them; in parentheses a task left out of the aggregate although it
+    has runs), then how many of each used task were used."""
+    shown = [str(n) if task in tasks or n == 0 else f"({n})" for task, n in counts.items()]
+    return "/".join(shown) + (f" → {used}" if used else " → –")
 
 
 def estimate(point):
@@ -203,7 +210,7 @@ def seeds_line(aggregate):
         others = [f"{' and '.join(methods)} {text}" for text, methods in by_text.items() if text != common]
         settings.setdefault(", ".join([common] + others), []).append(name)
     return (
-        "Seeds per task (Hopper/HalfCheetah/Walker2d) → used of each; "
+        "Seeds per task (Hopper/HalfCheetah/Walker2d; (n): left out) → used of each; "
         + " · ".join(f"{' and '.join(names)}: {text}" for text, names in settings.items())
         + "."
     )

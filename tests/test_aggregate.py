@@ -96,7 +96,29 @@ def test_which_runs_count_and_how_they_are_normalized(tmp_path):
     for seed in [1, 2]:
         write(tmp_path, aggregate.ASYNC, hopper, "vaco", "async", seed, 300.0, 0.0)
     assert aggregate.runs(tmp_path, aggregate.SETTINGS[2], "vaco", "final")[0] == pytest.approx(np.ones((2, 1)), abs=EXACT)
-    assert aggregate.seeds_text(counts, used) == "3/2/3 → 2"
+    assert aggregate.seeds_text(counts, used, tasks) == "3/2/(3) → 2"  # Walker2d has runs but no reference
+
+
+def test_a_settings_aggregates_use_the_tasks_that_every_method_with_runs_there_has(tmp_path):
+    """While a grid fills up, one method may have a task that another still lacks: every row of a column then leaves
+    it out, so that the rows compare the same tasks; the seeds text shows it in parentheses."""
+    hopper, cheetah, _ = aggregate.TASKS
+    for env_id in (hopper, cheetah):
+        for seed in (1, 2):
+            write(tmp_path, aggregate.MUJOCO, env_id, "ppo-noalign", "0", seed, 1000.0 * seed, 0.0)  # the references
+            write(tmp_path, aggregate.MUJOCO, env_id, "vaco", "8", seed, 400.0 * seed, 0.0)
+    write(tmp_path, aggregate.MUJOCO, hopper, "ppo-kl", "8", 1, 100.0, 0.0)
+    write(tmp_path, aggregate.MUJOCO, hopper, "ppo-kl", "8", 2, 300.0, 0.0)
+    write(tmp_path, aggregate.MUJOCO, cheetah, "ppo-kl", "8", 1, 100.0, 0.0)  # one seed: ppo-kl has no HalfCheetah
+    table = aggregate.report(tmp_path)[0]
+    setting = aggregate.SETTINGS[1]
+    assert setting[0] == "lag 8"
+    hopper_only = aggregate.runs(tmp_path, setting, "vaco", "final", [hopper])[0]
+    point, text = table["lag 8", "vaco", "final"]
+    assert text == "2/(2)/0 → 2" and table["lag 8", "ppo-kl", "final"][1] == "2/(1)/0 → 2"
+    expected = aggregate.interval(hopper_only, aggregate.aggregates)
+    assert np.array_equal(point[0], expected[0]) and np.array_equal(point[1], expected[1])
+    assert table["lag 8", "impala", "final"] == (None, "0/0/0 → –")  # a method without runs narrows nothing
 
 
 def test_the_bootstrap_resamples_runs_within_each_task():
