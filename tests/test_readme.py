@@ -118,3 +118,12 @@ def test_readme_links_to_every_study():
         if target.startswith("tests/results/README.md#")
     }
     assert sections - linked == set(), f"README.md does not link these studies: {sorted(sections - linked)}"
+
+
+def test_the_studies_page_lists_every_table_and_plot():
+    """Every table and plot under tests/results is in the studies page's list at its end, so none is out of reach."""
+    studies = (ROOT / "tests" / "results" / "README.md").read_text()
+    listed = set(links(studies[studies.index("| per-seed table | plot |") :]))
+    files = {path.name for path in (ROOT / "tests" / "results").iterdir() if path.suffix in (".md", ".png")}
+    files -= {"README.md", "at_a_glance.png", "at_a_glance_per_task.png"}  # the page itself; the glance's figures
+    assert files - listed == set(), f"not in the list of every table and plot: {sorted(files - listed)}"
