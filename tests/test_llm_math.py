@@ -6,6 +6,7 @@ opt-in."""
 import importlib.util
 import json
 import os
+import queue
 import random
 import signal
 import sys
@@ -420,6 +421,36 @@ def test_generation_overlaps_training(tiny_model, tmp_path, monkeypatch, lag):
         assert not any(overlapping), overlapping
     else:
         assert sum(overlapping) >= 2, overlapping  # half of them: a busy machine may shift when sampling starts
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_every_published_weight_snapshot_is_loaded(tiny_model, tmp_path, monkeypatch, lag):
+    """The learner publishes a copy of the weights after a step only if the generator will load it: the batch of step
+    T uses version T - 1 - K, so versions 1 to total_steps - 1 - K. A snapshot nobody loads is the model's size held
+    in the queue until the run ends. Recorded at the queue: every (version, weights) put is got, in order."""
+    published, loaded = [], []
+
+    def is_snapshot(item):
+        return isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict)
+
+    class RecordingQueue(queue.Queue):
+        def put(self, item, *args, **kwargs):
+            if is_snapshot(item):
+                published.append(item[0])
+            super().put(item, *args, **kwargs)
+
+        def get(self, *args, **kwargs):
+            item = super().get(*args, **kwargs)
+            if is_snapshot(item):
+                loaded.append(item[0])
+            return item
+
+    monkeypatch.setattr(queue, "Queue", RecordingQueue)
+    flags = tiny_run_flags(tiny_model, "--total-steps", "5", "--eval-samples", "0", "--policy-lag", str(lag))
+    error, _ = run_in_process(tmp_path, monkeypatch, *flags)
+    assert error is None, error
+    assert published == list(range(1, 5 - lag)), published
+    assert loaded == published, (loaded, published)
 
 
 def test_saved_model_is_the_trained_fp32_model(synthetic_run, tiny_model):
