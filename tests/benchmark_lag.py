@@ -557,7 +557,8 @@ def llm_markdown_report(results, data_name, methods, lags, seeds, command):
         for lag in lags:
             rows = seed_results(results, data_name, method, lag, seeds)
             if rows:
-                cells = [mean_std([number(r) for r in rows], digits=3) for number in LLM_COLUMNS.values()]
+                values = [[number(r) for r in rows] for number in LLM_COLUMNS.values()]
+                cells = ["–" if np.isnan(column).all() else mean_std(column, digits=3) for column in values]
                 lines.append(f"| {method} | {lag} | " + " | ".join(cells) + f" | {len(rows)} |")
     lines += [
         "",
@@ -569,7 +570,7 @@ def llm_markdown_report(results, data_name, methods, lags, seeds, command):
             for seed in seeds:
                 r = results.get(run_tag(data_name, method, "default", lag, seed))
                 if r is not None:
-                    curve = ", ".join(f"{step}: {value:.3f}" for step, value in r["accuracy"])
+                    curve = ", ".join(f"{step}: {value:.3f}" for step, value in r["accuracy"]) or "– (no evaluation)"
                     floor = "–" if r.get("numerical_floor") is None else f"{r['numerical_floor']:.1e}"
                     lines.append(
                         f"| {method} | {lag} | {seed} | {curve} | {lag_text(r)} | {floor} | "
@@ -589,13 +590,14 @@ def plot_llm_accuracy(results, data_name, methods, lags, seeds, path):
     except ImportError:
         print("no plot: matplotlib is not installed (pip install matplotlib); the tables are written anyway")
         return
-    if not any(seed_results(results, data_name, method, lag, seeds) for method in methods for lag in lags):
-        print("no plot: no run of the grid has a summary yet")
+    runs = [r for method in methods for lag in lags for r in seed_results(results, data_name, method, lag, seeds)]
+    if not any(r["accuracy"] for r in runs):
+        print("no plot: no run of the grid has a summary with an evaluation yet (--eval-samples 0 evaluates nothing)")
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for method in methods:
         for lag in lags:
-            curves = [dict(r["accuracy"]) for r in seed_results(results, data_name, method, lag, seeds)]
+            curves = [dict(r["accuracy"]) for r in seed_results(results, data_name, method, lag, seeds) if r["accuracy"]]
             if not curves:
                 continue
             shared_steps = sorted(set.intersection(*(set(curve) for curve in curves)))

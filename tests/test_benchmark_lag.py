@@ -378,6 +378,19 @@ def test_llm_report_plots_greedy_accuracy_against_the_step(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 
+def test_llm_runs_without_evaluation_give_a_table_of_what_they_have_and_no_plot(tmp_path):
+    """--eval-samples 0 (the δ sweep's setting) leaves no accuracy curve: its cells read "–", the rest is the table's,
+    and the plot is skipped with a line instead of failing."""
+    unevaluated = llm_summary([0.0, 0.0], 0.05, [0.5, 0.01, 0.02, 0.1], 1)
+    unevaluated.update(accuracy=[], accuracy_auc=float("nan"), accuracy_first=float("nan"), accuracy_final=float("nan"))
+    results = {benchmark_lag.run_tag("synthetic", "vaco", "default", 1, 1): unevaluated}
+    report = benchmark_lag.llm_markdown_report(results, "synthetic", ["vaco"], [1], [1], "cmd")
+    assert "| vaco | 1 | – | – | 0.050 | 0.500 | 0.010 | 0.020 | 1 |" in report
+    assert "| vaco | 1 | 1 | – (no evaluation) | 0.90 (max 1) | 7.6e-06 | 12.0 | 30.0 |" in report
+    benchmark_lag.plot_llm_accuracy(results, "synthetic", ["vaco"], [1], [1], tmp_path / "accuracy.png")
+    assert not (tmp_path / "accuracy.png").exists()
+
+
 def test_the_llm_takes_only_the_methods_and_flags_it_has(tmp_path):
     """vaco_llm_math.py has no critic (no --no-realign) and no impala loss: such a method or variant is refused with
     one line before anything runs, as is --env-ids; a method another script lacks is refused the same way."""
