@@ -957,6 +957,23 @@ def test_step_one_prints_the_numerical_floor_against_delta_in_l1(
     )
 
 
+def test_the_precision_probe_orders_the_floors_by_significant_bits(tiny_model, tmp_path):
+    """tests/llm_precision.py (the studies page's table of each precision's floor and cost) on this model: a record
+    per precision and seed, the lag-0 floors in the order of the formats' significant bits (fp32 24, fp16 11, bf16 8),
+    and --report-only printing from the file the table the measurement printed."""
+    out = tmp_path / "records.json"
+    flags = ["--model-name-or-path", tiny_model, "--seeds", "1", "2", "--max-new-tokens", "8", "--out", out]
+    proc = run_script("tests/llm_precision.py", *flags, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads(out.read_text())["records"]
+    precisions = ["float32", "float16", "bfloat16"]
+    assert [(r["precision"], r["seed"]) for r in records] == [(p, seed) for p in precisions for seed in (1, 2)]
+    floors = {p: sorted(r["floor_l1"] for r in records if r["precision"] == p) for p in precisions}
+    assert 0 < floors["float32"][-1] < floors["float16"][0] and floors["float16"][-1] < floors["bfloat16"][0], floors
+    report = run_script("tests/llm_precision.py", "--report-only", "--out", out, cwd=tmp_path)
+    assert report.returncode == 0 and report.stdout.count("\n| ") == 3 and proc.stdout.endswith(report.stdout)
+
+
 FLOAT_FLAGS = ["learning_rate", "temperature", "max_grad_norm", "tv_delta", "clip_coef", "kl_coef", "kl_target"]
 
 

@@ -1,6 +1,8 @@
 """The README and the studies page: every relative link resolves, the results tables are what the committed summaries
 give, and the README stays short enough to read in one go."""
 
+import ast
+import json
 import os
 import re
 import shlex
@@ -14,6 +16,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
 import aggregate  # noqa: E402
+import llm_precision  # noqa: E402
 import results_at_a_glance  # noqa: E402
 
 PAGES = [ROOT / "README.md", ROOT / "tests" / "results" / "README.md"]
@@ -122,6 +125,41 @@ def test_an_llm_report_is_what_the_committed_summaries_give(tmp_path, name):
         studies = (ROOT / "tests" / "results" / "README.md").read_text()
         tables = re.findall(r"(?:^\|.*\|\n)+", committed, re.M)
         assert len(tables) == 2 and all(table in studies for table in tables), "paste llm_lag_study.md's two tables"
+
+
+def test_the_llm_memory_table_is_what_its_records_give():
+    """Each row of "LLM: peak memory" links the record of its run (the script's output, its scratch probe's peaks by
+    phase and `/usr/bin/time -v`) and shows what the record holds: the peak with the generator alone, the peak while
+    the learner updates, the maximum resident set (KiB, in 10^9 bytes), and the seconds per step the script printed."""
+    studies = (ROOT / "tests" / "results" / "README.md").read_text()
+    rows = re.findall(r"^\| \[[^]]+\]\((llm_memory/\w+\.txt)\)[^|]* \| (.+) \|$", studies, re.M)
+    assert len(rows) == 5, "the memory table should have a row per record"
+    for path, cells in rows:
+        record = (ROOT / "tests" / "results" / path).read_text()
+        phases = ast.literal_eval(re.search(r"peak RSS GB by phase: (\{.*\})", record).group(1))
+        peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", record).group(1))
+        train_s = ", ".join(f"{float(s):.0f}" for s in re.findall(r" train ([\d.]+)s", record))
+        generate_s = ", ".join(f"{float(s):.0f}" for s in re.findall(r" gen ([\d.]+)s", record))
+        expected = [
+            f"{phases['generate']:.2f}",
+            f"{phases['any update']:.2f}",
+            f"{peak_kib * 1024 / 1e9:.2f}",
+            train_s,
+            generate_s,
+        ]
+        assert [cell.strip("*") for cell in cells.split(" | ")] == expected, f"the row of {path} differs from the record"
+
+
+def test_the_llm_precision_table_is_what_its_records_give():
+    """The table of each compute precision's floor and cost is what tests/llm_precision.py --report-only prints from
+    the committed records, every precision at the same seeds."""
+    records = json.loads((ROOT / "tests" / "results" / "llm_precision.json").read_text())["records"]
+    seeds = {
+        precision: sorted(r["seed"] for r in records if r["precision"] == precision) for precision in llm_precision.AUTOCAST
+    }
+    assert len(set(map(tuple, seeds.values()))) == 1 and len(seeds["float16"]) >= 3, seeds
+    studies = (ROOT / "tests" / "results" / "README.md").read_text()
+    assert llm_precision.table(records) in studies, "paste `python tests/llm_precision.py --report-only`"
 
 
 def test_readme_is_at_most_26000_bytes():
